@@ -1,0 +1,49 @@
+"""arrival: a message queue in which the delivery guarantee is a contract of the queue.
+
+```python
+import arrival
+
+broker = arrival.connect("./data")            # or "memory:" for tests
+broker.create_queue("orders", guarantee="at-least-once", max_deliveries=5)
+broker.producer().send("orders", b'{"id": 1}', key="customer-7")
+msg = broker.consumer("orders", group="billing").receive(timeout=1.0)
+msg.ack()
+```
+``arrival.aio`` is the same API with ``async``/``await``.
+"""
+
+from arrival import errors
+from arrival._common import Envelope
+from arrival._sync import Broker, Consumer, DeadLetters, Message, Producer, connect
+from arrival.engine import DeadMessage
+from arrival.model import (
+    Backoff,
+    DropPolicy,
+    GroupStats,
+    Guarantee,
+    QueueDescription,
+    QueueSpec,
+    QueueStats,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backoff",
+    "Broker",
+    "Consumer",
+    "DeadLetters",
+    "DeadMessage",
+    "DropPolicy",
+    "Envelope",
+    "GroupStats",
+    "Guarantee",
+    "Message",
+    "Producer",
+    "QueueDescription",
+    "QueueSpec",
+    "QueueStats",
+    "__version__",
+    "connect",
+    "errors",
+]

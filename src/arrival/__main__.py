@@ -1,0 +1,3 @@
+from arrival.cli import main
+
+main()

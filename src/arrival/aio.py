@@ -1,0 +1,305 @@
+"""The asyncio API: the same names and semantics as ``arrival``, with ``await``.
+
+It drives the same engine as the blocking API; only waiting differs: a durable send
+awaits its commit through a future, and ``receive`` awaits the engine's change signal.
+No thread runs an event loop, and no call blocks the loop for longer than a lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import os
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from types import TracebackType
+from typing import Any
+
+from arrival._clock import Clock
+from arrival._common import Envelope, MessageBase, batch_to_send, open_engine, queue_spec, to_send
+from arrival.engine import DeadMessage, Engine, Ticket
+from arrival.errors import ClosedError, UsageError
+from arrival.model import Backoff, DropPolicy, QueueDescription, QueueSpec, QueueStats
+from arrival.semantics.spec import UNSET
+from arrival.storage.base import Storage
+
+__all__ = ["Broker", "Consumer", "DeadLetters", "Envelope", "Message", "Producer", "connect"]
+
+_WAKE_SLACK_S = 0.001
+
+
+async def connect(
+    url: str | os.PathLike[str] | Storage | None = None,
+    *,
+    clock: Clock | None = None,
+    rng: random.Random | None = None,
+) -> Broker:
+    """Open a broker; see ``arrival.connect``."""
+    engine, where = open_engine(url, clock=clock, rng=rng)
+    return Broker(engine, where)
+
+
+async def _committed(ticket: Ticket) -> int:
+    if not ticket.done():
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+
+        def done() -> None:
+            loop.call_soon_threadsafe(_resolve, fut)
+
+        ticket.add_done_callback(done)
+        await fut
+    return ticket.outcome()
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class Broker:
+    """The async twin of ``arrival.Broker``."""
+
+    def __init__(self, engine: Engine, url: str) -> None:
+        self._engine = engine
+        self.url = url
+
+    def __repr__(self) -> str:
+        return f"<arrival.aio.Broker {self.url!r} {'closed' if self._engine.closed else 'open'}>"
+
+    async def __aenter__(self) -> Broker:
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
+    async def create_queue(
+        self,
+        name: str,
+        guarantee: str,
+        *,
+        ack_timeout: float = UNSET,
+        max_deliveries: int | None = UNSET,
+        dead_letter: str | None = UNSET,
+        backoff: Backoff = UNSET,
+        retention: float = UNSET,
+        capacity: int = UNSET,
+        drop: DropPolicy | str = UNSET,
+        conflate: bool = UNSET,
+        max_message_bytes: int = UNSET,
+    ) -> QueueSpec:
+        """See ``arrival.Broker.create_queue``."""
+        options: dict[str, Any] = {
+            "ack_timeout": ack_timeout,
+            "max_deliveries": max_deliveries,
+            "dead_letter": dead_letter,
+            "backoff": backoff,
+            "retention": retention,
+            "capacity": capacity,
+            "drop": drop,
+            "conflate": conflate,
+            "max_message_bytes": max_message_bytes,
+        }
+        spec = queue_spec(name, guarantee, options)
+        return await asyncio.to_thread(self._engine.create_queue, spec)
+
+    async def describe(self, queue: str) -> QueueDescription:
+        return self._engine.describe(queue)
+
+    async def queues(self) -> list[str]:
+        return self._engine.queue_names()
+
+    async def stats(self, queue: str) -> QueueStats:
+        return self._engine.stats(queue)
+
+    def producer(self) -> Producer:
+        return Producer(self._engine)
+
+    def consumer(self, queue: str, group: str = "default", *, start: str = "earliest") -> Consumer:
+        return Consumer(self._engine, queue, group, start)
+
+    def dead_letters(self, queue: str) -> DeadLetters:
+        self._engine.spec(queue)
+        return DeadLetters(self._engine, queue)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._engine.close)
+
+
+class Producer:
+    """The async twin of ``arrival.Producer``: concurrent sends share one fsync."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._closed = False
+
+    async def __aenter__(self) -> Producer:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def send(
+        self,
+        queue: str,
+        body: bytes,
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        id: str | None = None,  # noqa: A002 - the SPEC's name
+    ) -> int | None:
+        if self._closed:
+            raise ClosedError("the producer")
+        ticket = self._engine.send(queue, [to_send(body, key, headers, id)])
+        return None if ticket is None else await _committed(ticket)
+
+    async def send_batch(self, queue: str, messages: Iterable[bytes | Any]) -> int | None:
+        if self._closed:
+            raise ClosedError("the producer")
+        ticket = self._engine.send(queue, batch_to_send(messages))
+        return None if ticket is None else await _committed(ticket)
+
+    async def close(self) -> None:
+        self._closed = True
+
+
+class Message(MessageBase):
+    """The async twin of ``arrival.Message``."""
+
+    __slots__ = ()
+
+    async def ack(self) -> None:
+        self._engine.ack(self._member, self._epoch, ((self.offset, self.attempt),))
+
+    async def nack(self, delay: float | None = None, *, error: str | None = None) -> None:
+        self._engine.nack(self._member, self._epoch, self.offset, self.attempt, delay, error)
+
+    async def reject(self, reason: str) -> None:
+        self._engine.reject(self._member, self._epoch, self.offset, self.attempt, reason)
+
+    async def extend(self, seconds: float | None = None) -> None:
+        self.lease_deadline = self._engine.extend(
+            self._member, self._epoch, self.offset, self.attempt, seconds
+        )
+
+    async def release(self) -> None:
+        self._engine.release(self._member, self._epoch, self.offset, self.attempt)
+
+
+class Consumer:
+    """The async twin of ``arrival.Consumer``; iterate it with ``async for``."""
+
+    def __init__(self, engine: Engine, queue: str, group: str, start: str) -> None:
+        if start not in ("earliest", "latest"):
+            raise UsageError(f"start must be 'earliest' or 'latest', not {start!r}")
+        self._engine = engine
+        self.queue = queue
+        self.group = group
+        self._member = engine.join(queue, group, latest=start == "latest")
+        self._closed = False
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<arrival.aio.Consumer {self.queue}/{self.group} member={self._member} {state}>"
+
+    async def __aenter__(self) -> Consumer:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def receive(self, timeout: float | None = None) -> Message | None:
+        got = await self.receive_batch(1, timeout)
+        return got[0] if got else None
+
+    async def receive_batch(
+        self, max_messages: int = 100, timeout: float | None = None
+    ) -> list[Message]:
+        if max_messages < 1:
+            raise UsageError("max_messages must be at least 1")
+        engine = self._engine
+        loop = asyncio.get_running_loop()
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._closed:
+                raise ClosedError("the consumer")
+            got, version, due = engine.poll(self._member, max_messages)
+            if got:
+                q, g, m = self.queue, self.group, self._member
+                return [Message(engine, m, q, g, off, att, dl, rec) for off, att, dl, rec in got]
+            wait = None if end is None else end - time.monotonic()
+            if wait is not None and wait <= 0:
+                return []
+            if due is not None:
+                until_due = max(0.0, due - engine.clock.now()) + _WAKE_SLACK_S
+                wait = until_due if wait is None else min(wait, until_due)
+            fut: asyncio.Future[None] = loop.create_future()
+
+            def wake(fut: asyncio.Future[None] = fut) -> None:
+                loop.call_soon_threadsafe(_resolve, fut)
+
+            unwatch = engine.watch(wake)
+            try:
+                if engine.version == version and not engine.closed:
+                    await asyncio.wait_for(fut, wait)
+            except TimeoutError:
+                pass
+            finally:
+                unwatch()
+
+    async def __aiter__(self) -> AsyncIterator[Message]:
+        while not self._closed and not self._engine.closed:
+            try:
+                msg = await self.receive(timeout=1.0)
+            except ClosedError:
+                return
+            if msg is not None:
+                yield msg
+
+    async def ack_batch(self, messages: Iterable[Message]) -> None:
+        msgs = list(messages)
+        if msgs:
+            self._engine.ack(self._member, msgs[0]._epoch, [(m.offset, m.attempt) for m in msgs])
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._engine.leave(self._member)
+
+
+class DeadLetters:
+    """The async twin of ``arrival.DeadLetters``."""
+
+    def __init__(self, engine: Engine, queue: str) -> None:
+        self._engine = engine
+        self.queue = queue
+
+    async def list(self, limit: int | None = None) -> builtins.list[DeadMessage]:
+        await _committed(self._engine.flush())
+        return self._engine.dead_letters(self.queue, limit)
+
+    async def replay(
+        self,
+        where: Callable[[DeadMessage], bool] | None = None,
+        *,
+        limit: int | None = None,
+        dry_run: bool = False,
+    ) -> builtins.list[DeadMessage]:
+        await _committed(self._engine.flush())
+        chosen, ticket = self._engine.replay_dead_letters(
+            self.queue, where, limit=limit, dry_run=dry_run
+        )
+        if ticket is not None:
+            await _committed(ticket)
+        return chosen
+
+    async def purge(self, where: Callable[[DeadMessage], bool] | None = None) -> int:
+        await _committed(self._engine.flush())
+        return await asyncio.to_thread(self._engine.purge_dead_letters, self.queue, where)

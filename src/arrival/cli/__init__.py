@@ -1,0 +1,5 @@
+"""The ``arrival`` command: a thin shell over the public API."""
+
+from arrival.cli.main import app, main
+
+__all__ = ["app", "main"]

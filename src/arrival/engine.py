@@ -1,0 +1,1038 @@
+"""The embedded broker: the one place that joins the semantics and the storage.
+
+Threads: callers (producers, consumers, any number of threads or one event loop) and one
+writer thread that owns commits. Everything shared is guarded by one lock; the writer
+holds it only to collect and to publish, never across a commit.
+
+Invariants:
+1. A durable send is acknowledged (its Ticket completes) only after the commit that
+   holds it returned; a message becomes visible to consumers only then, so nothing is
+   delivered that a crash could take back.
+2. Offsets are assigned under the lock in the order sends arrive, and pending batches
+   are committed in that order, so the visible end only grows and the log has no holes.
+3. A dead-lettered message is appended to its dead-letter queue in the same commit that
+   stores the settle in its group: a crash keeps both or neither.
+4. Consumer-group changes (deliveries, acks, failures) are committed by the writer
+   within ``ack_linger_s``; losing them to a crash can only cause redelivery.
+5. At-most-once queues never touch the writer: they live in memory, and a message is
+   removed from its group's buffer before it is returned.
+6. After a commit fails, the engine refuses all further work: what was not confirmed
+   was not acknowledged, and nothing is retried against a store that failed.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import random
+import threading
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from arrival import _crash
+from arrival._clock import Clock, SystemClock
+from arrival._codec import RecordTuple, decode_batch, encode_batch
+from arrival.errors import (
+    ArrivalError,
+    ClosedError,
+    InvalidQueueSpec,
+    LeaseExpired,
+    MessageTooLarge,
+    NotSupported,
+    StorageError,
+    UnknownQueue,
+    UsageError,
+)
+from arrival.model import (
+    GroupStats,
+    Guarantee,
+    QueueDescription,
+    QueueSpec,
+    QueueStats,
+)
+from arrival.semantics.delivery import SKIP, DeadLetterAction, GroupState, Key
+from arrival.semantics.lossy import LossyBuffer, LossyQueue
+from arrival.semantics.spec import (
+    check_compatible,
+    dead_letter_spec,
+    decode_spec,
+    describe,
+    encode_spec,
+    validate_queue_name,
+)
+from arrival.storage.base import GroupRecord, Storage, WriteSet
+
+__all__ = ["DeadMessage", "Delivery", "Engine", "Ticket"]
+
+DLQ_GROUP = "~dlq"  # the group through which a dead-letter queue is listed, replayed, purged
+SNAPSHOT_EVERY = 256  # group deltas between snapshots: bounds recovery time and row count
+CACHE_MESSAGES = 262_144  # decoded messages kept in memory; older batches are re-read
+HOUSEKEEPING_S = 0.25  # how often the writer expires leases and trims when idle
+
+# provenance headers of dead-lettered messages
+H_ORIGIN_QUEUE = "arrival-origin-queue"
+H_ORIGIN_GROUP = "arrival-origin-group"
+H_ORIGIN_OFFSET = "arrival-origin-offset"
+H_ATTEMPTS = "arrival-attempts"
+H_FAILURES = "arrival-failures"
+H_FIRST_FAILURE = "arrival-first-failure"
+H_LAST_FAILURE = "arrival-last-failure"
+H_LAST_ERROR = "arrival-last-error"
+H_REASON = "arrival-dead-letter-reason"
+H_DEAD_AT = "arrival-dead-lettered-at"
+H_REPLAY_GROUP = "arrival-replay-group"  # a replayed message goes to this group only
+H_REPLAYS = "arrival-replays"
+
+Delivery = tuple[int, int, float, RecordTuple]
+"""(offset, attempt, lease deadline, record); deadline is 0 on at-most-once queues."""
+
+Send = tuple[str | None, str | None, dict[str, str] | None, bytes]
+"""(id, key, headers, body) of a message to send."""
+
+_ticket_lock = threading.Lock()
+
+
+class Ticket:
+    """Completes when a durable write is committed (or failed). Wait, or add a callback."""
+
+    __slots__ = ("_callbacks", "_done", "_error", "result")
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self._callbacks: list[Callable[[], None]] | None = None
+        self._error: BaseException | None = None
+        self.result: int = -1
+
+    def __repr__(self) -> str:
+        state = "pending" if not self._done.is_set() else ("failed" if self._error else "done")
+        return f"<Ticket {state} result={self.result}>"
+
+    def _finish(self, error: BaseException | None) -> None:
+        self._error = error
+        with _ticket_lock:
+            self._done.set()
+            callbacks, self._callbacks = self._callbacks, None
+        for cb in callbacks or ():
+            cb()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def add_done_callback(self, cb: Callable[[], None]) -> None:
+        with _ticket_lock:
+            if not self._done.is_set():
+                if self._callbacks is None:
+                    self._callbacks = []
+                self._callbacks.append(cb)
+                return
+        cb()
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Block until committed; return the first offset. Raises the commit's error."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"the write was not committed within {timeout} s")
+        return self.outcome()
+
+    def outcome(self) -> int:
+        if self._error is not None:
+            raise self._error
+        return self.result
+
+
+@dataclass(frozen=True, slots=True)
+class DeadMessage:
+    """A message in a dead-letter queue, with its provenance."""
+
+    offset: int
+    id: str | None
+    key: str | None
+    body: bytes
+    headers: dict[str, str]
+    origin_queue: str | None
+    origin_group: str | None
+    attempts: int
+    reason: str | None
+    last_error: str | None
+    first_failure: float | None
+    last_failure: float | None
+
+
+class _Batch:
+    __slots__ = ("_by_group", "first", "keys", "records", "targets")
+
+    def __init__(self, first: int, records: list[RecordTuple]) -> None:
+        self.first = first
+        self.records = records
+        self.keys: list[Key] = [r[2] for r in records]
+        targets: dict[int, str] | None = None
+        for i, r in enumerate(records):
+            h = r[3]
+            if h is not None and H_REPLAY_GROUP in h:
+                if targets is None:
+                    targets = {}
+                targets[i] = h[H_REPLAY_GROUP]
+        self.targets = targets
+        self._by_group: dict[str, list[Key]] | None = None
+
+    def keys_for(self, group: str) -> Sequence[Key]:
+        targets = self.targets
+        if targets is None:
+            return self.keys
+        if self._by_group is None:
+            self._by_group = {}
+        keys = self._by_group.get(group)
+        if keys is None:
+            keys = [SKIP if targets.get(i, group) != group else k for i, k in enumerate(self.keys)]
+            self._by_group[group] = keys
+        return keys
+
+
+class _Group:
+    __slots__ = ("lossy", "name", "need_snapshot", "seq", "since_snapshot", "state")
+
+    def __init__(
+        self,
+        name: str,
+        state: GroupState | None,
+        lossy: LossyBuffer[tuple[int, RecordTuple]] | None,
+    ) -> None:
+        self.name = name
+        self.state = state
+        self.lossy = lossy
+        self.seq = 0
+        self.since_snapshot = 0
+        self.need_snapshot = False
+
+
+class _Queue:
+    __slots__ = (
+        "cache",
+        "counts",
+        "end",
+        "firsts",
+        "floor_times",
+        "groups",
+        "lossy",
+        "low",
+        "name",
+        "sent",
+        "spec",
+        "visible",
+    )
+
+    def __init__(self, spec: QueueSpec) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.end = 0  # next offset to assign
+        self.visible = 0  # one past the newest committed offset
+        self.low = 0  # offsets below were deleted
+        self.firsts: list[int] = []  # first offset of each stored batch, ascending
+        self.counts: list[int] = []
+        self.cache: OrderedDict[int, _Batch] = OrderedDict()
+        self.groups: dict[str, _Group] = {}
+        self.sent = 0
+        self.floor_times: deque[tuple[int, float]] = deque()  # (min floor, when reached)
+        self.lossy: LossyQueue[tuple[int, RecordTuple]] | None = None
+        if spec.guarantee is Guarantee.AT_MOST_ONCE:
+            assert spec.capacity is not None
+            self.lossy = LossyQueue(spec.capacity, spec.drop, spec.conflate)
+
+
+_Published = list[tuple["_Queue", int, list[RecordTuple], "Ticket | None"]]
+_Collected = tuple[WriteSet, _Published, list["Ticket"], list[tuple["_Queue", int]]]
+
+
+class _Member:
+    __slots__ = ("closed", "group", "id", "queue")
+
+    def __init__(self, member_id: int, queue: _Queue, group: _Group) -> None:
+        self.id = member_id
+        self.queue = queue
+        self.group = group
+        self.closed = False
+
+
+def _lossy_key(item: tuple[int, RecordTuple]) -> object:
+    key = item[1][2]
+    return item[0] if key is None else key
+
+
+class Engine:
+    """One broker over one store. Thread-safe; see the module docstring for invariants."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+        ack_linger_s: float = 0.005,
+    ) -> None:
+        self.storage = storage
+        self.clock: Clock = clock or SystemClock()
+        self.rng = rng or random.Random()
+        self.ack_linger_s = ack_linger_s
+        self._lock = threading.Lock()
+        self._cv = threading.Condition(self._lock)  # consumers wait here for changes
+        self._writer_cv = threading.Condition(self._lock)
+        self._queues: dict[str, _Queue] = {}
+        self._members: dict[int, _Member] = {}
+        self._member_ids = itertools.count(1)
+        self._pending: list[tuple[_Queue, int, int, bytes, list[RecordTuple], Ticket | None]] = []
+        self._pending_specs: dict[str, bytes | None] = {}
+        self._barriers: list[Ticket] = []
+        self._dirty: set[tuple[_Queue, _Group]] = set()
+        self._watchers: set[Callable[[], None]] = set()
+        self.version = 0
+        self._failure: BaseException | None = None
+        self._closing = False
+        self._closed = False
+        self._abandon = False
+        loaded = storage.load()
+        try:
+            self.epoch = int(loaded.meta.get("epoch", b"0")) + 1
+            self._restore(loaded.specs, loaded.batches, loaded.groups, loaded.meta)
+            ws = WriteSet(meta={"epoch": str(self.epoch).encode()})
+            storage.commit(ws)
+        except BaseException:
+            storage.close()
+            raise
+        self._writer = threading.Thread(target=self._write_loop, name="arrival-writer", daemon=True)
+        self._writer.start()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("failed" if self._failure else "open")
+        return f"<Engine {state} queues={len(self._queues)} epoch={self.epoch} {self.storage!r}>"
+
+    # -- recovery ---------------------------------------------------------------------
+
+    def _restore(
+        self,
+        specs: dict[str, bytes],
+        batches: dict[str, list[tuple[int, int]]],
+        groups: dict[tuple[str, str], list[tuple[int, bool, bytes]]],
+        meta: dict[str, bytes],
+    ) -> None:
+        for name, data in specs.items():
+            q = _Queue(decode_spec(data))
+            for first, count in batches.get(name, ()):
+                q.firsts.append(first)
+                q.counts.append(count)
+            q.low = int(meta.get(f"low:{name}", b"0"))
+            q.end = q.visible = max(q.low, q.firsts[-1] + q.counts[-1] if q.firsts else 0)
+            self._queues[name] = q
+        for (qname, gname), records in groups.items():
+            gq = self._queues.get(qname)
+            if gq is None or gq.lossy is not None:
+                continue
+            q = gq
+            state = self._new_state(q, gname, 0)
+            state.restore([r[2] for r in records], records[0][1])
+            g = _Group(gname, state, None)
+            g.seq = records[-1][0] + 1
+            g.since_snapshot = len(records)
+            q.groups[gname] = g
+            q.end = q.visible = max(q.end, state.floor)
+
+    def _new_state(self, q: _Queue, group: str, start: int) -> GroupState:
+        s = q.spec
+        return GroupState(
+            q.name,
+            group,
+            start,
+            ack_timeout=s.ack_timeout,
+            max_deliveries=s.max_deliveries,
+            backoff=s.backoff,
+            rng=self.rng,
+        )
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._failure is not None:
+            raise StorageError(
+                f"the broker stopped after a storage failure ({self._failure}); nothing "
+                f"unconfirmed was acknowledged. Fix the disk and reopen the broker"
+            )
+        if self._closing:
+            raise ClosedError("the broker")
+
+    def _queue(self, name: str) -> _Queue:
+        q = self._queues.get(name)
+        if q is None:
+            raise UnknownQueue(name)
+        return q
+
+    def _notify(self) -> None:
+        self.version += 1
+        self._cv.notify_all()
+        for w in self._watchers:
+            w()
+
+    def _batch_at(self, q: _Queue, off: int) -> _Batch:
+        i = bisect.bisect_right(q.firsts, off) - 1
+        if i < 0 or off >= q.firsts[i] + q.counts[i]:
+            raise StorageError(f"offset {off} of queue {q.name!r} is not stored")
+        first = q.firsts[i]
+        b = q.cache.get(first)
+        if b is None:
+            data = self.storage.read(q.name, first)
+            b = _Batch(first, decode_batch(data, f"batch {first} of queue {q.name!r}"))
+            self._cache(q, b)
+        return b
+
+    def _cache(self, q: _Queue, b: _Batch) -> None:
+        q.cache[b.first] = b
+        if len(q.cache) * 64 > CACHE_MESSAGES and len(q.cache) > 2:
+            total = sum(len(x.records) for x in q.cache.values())
+            while total > CACHE_MESSAGES and len(q.cache) > 2:
+                _, old = q.cache.popitem(last=False)
+                total -= len(old.records)
+
+    # -- queues -----------------------------------------------------------------------
+
+    def create_queue(self, spec: QueueSpec) -> QueueSpec:
+        """Declare ``spec``: create it, or check it matches the stored one (then no-op)."""
+        with self._lock:
+            self._check_open()
+            existing = self._queues.get(spec.name)
+            if existing is not None:
+                check_compatible(existing.spec, spec)
+                return existing.spec
+            if spec.guarantee is Guarantee.EXACTLY_ONCE:
+                raise NotSupported(
+                    f"can't create queue {spec.name!r}: exactly-once queues need the "
+                    f"transactions and idempotent producers of a later arrival release; "
+                    f"declare it at-least-once and deduplicate in the consumer until then"
+                )
+            if spec.dead_letter is not None:
+                dl = self._queues.get(spec.dead_letter)
+                if dl is None:
+                    self._add_queue(dead_letter_spec(spec), dlq=True)
+                elif dl.spec.guarantee is Guarantee.AT_MOST_ONCE:
+                    raise InvalidQueueSpec(
+                        spec.name,
+                        f"dead_letter {spec.dead_letter!r} is an at-most-once queue, which "
+                        f"may drop what it is given; name a durable queue",
+                    )
+            self._add_queue(spec, dlq=False)
+            ticket = Ticket()
+            self._barriers.append(ticket)
+            self._writer_cv.notify()
+        ticket.wait()
+        return spec
+
+    def _add_queue(self, spec: QueueSpec, *, dlq: bool) -> None:
+        q = _Queue(spec)
+        self._queues[spec.name] = q
+        if spec.guarantee.durable:
+            self._pending_specs[spec.name] = encode_spec(spec)
+        if dlq:
+            self._add_group(q, DLQ_GROUP, latest=False)
+
+    def spec(self, name: str) -> QueueSpec:
+        with self._lock:
+            return self._queue(name).spec
+
+    def queue_names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._queues)
+
+    def describe(self, name: str) -> QueueDescription:
+        with self._lock:
+            q = self._queue(name)
+            facts = dict(self.storage.description) if q.spec.guarantee.durable else {}
+            facts["backend"] = "embedded"
+            return describe(q.spec, facts)
+
+    def stats(self, name: str) -> QueueStats:
+        with self._lock:
+            q = self._queue(name)
+            groups = []
+            for g in q.groups.values():
+                s = g.state
+                if s is None:
+                    buf = g.lossy
+                    assert buf is not None
+                    groups.append(GroupStats(g.name, len(buf), 0, 0, 0, 0, 0, 0, 0, 0, buf.dropped))
+                    continue
+                groups.append(
+                    GroupStats(
+                        g.name,
+                        backlog=s.backlog(q.visible),
+                        in_flight=s.in_flight,
+                        waiting_retry=len(s.delayed),
+                        delivered=s.n_delivered,
+                        acked=s.n_acked,
+                        redelivered=s.n_redelivered,
+                        nacked=s.n_nacked,
+                        expired=s.n_expired,
+                        dead_lettered=s.n_dead,
+                        dropped=0,
+                    )
+                )
+            if q.lossy is not None:
+                first, stored = q.visible - len(q.lossy.retained), len(q.lossy.retained)
+                dropped = q.lossy.dropped
+            else:
+                first = q.firsts[0] if q.firsts else q.visible
+                first = max(first, q.low)
+                stored, dropped = q.visible - first, 0
+            return QueueStats(
+                q.name, q.spec.guarantee, first, q.visible, stored, q.sent, dropped, tuple(groups)
+            )
+
+    # -- producing --------------------------------------------------------------------
+
+    def send(self, queue: str, messages: Sequence[Send]) -> Ticket | None:
+        """Append ``messages`` in order. Durable queues: a Ticket that completes when they
+        are committed. At-most-once queues: None, and the messages are already queued."""
+        now = self.clock.now()
+        with self._lock:
+            self._check_open()
+            q = self._queue(queue)
+            limit = q.spec.max_message_bytes
+            records: list[RecordTuple] = []
+            for mid, key, headers, body in messages:
+                size = len(body)
+                if headers:
+                    size += sum(len(k) + len(v) for k, v in headers.items())
+                if size > limit:
+                    raise MessageTooLarge(queue, size, limit)
+                records.append((now, mid, key, headers, body))
+            if not records:
+                raise UsageError("send needs at least one message")
+            q.sent += len(records)
+            if q.lossy is not None:
+                lossy = q.lossy
+                off = q.visible
+                for r in records:
+                    lossy.put((off, r), off if r[2] is None else r[2])
+                    off += 1
+                q.end = q.visible = off
+                self._notify()
+                return None
+            return self._append(q, records)
+
+    def _append(self, q: _Queue, records: list[RecordTuple]) -> Ticket:
+        """Queue a durable batch for the writer; the caller holds the lock."""
+        ticket = Ticket()
+        first = ticket.result = q.end
+        q.end += len(records)
+        self._pending.append((q, first, len(records), encode_batch(records), records, ticket))
+        self._writer_cv.notify()
+        return ticket
+
+    # -- consuming --------------------------------------------------------------------
+
+    def join(self, queue: str, group: str, *, latest: bool = False) -> int:
+        """Register a consumer in ``group`` (created on first use); returns its member id."""
+        validate_queue_name(group)
+        with self._lock:
+            self._check_open()
+            q = self._queue(queue)
+            g = q.groups.get(group) or self._add_group(q, group, latest=latest)
+            member = _Member(next(self._member_ids), q, g)
+            self._members[member.id] = member
+            return member.id
+
+    def _add_group(self, q: _Queue, name: str, *, latest: bool) -> _Group:
+        if q.lossy is not None:
+            buf = q.lossy.add_group(name, latest, _lossy_key)
+            g = _Group(name, None, buf)
+        else:
+            start = q.visible if latest else max(q.low, q.firsts[0] if q.firsts else q.visible)
+            g = _Group(name, self._new_state(q, name, start), None)
+            g.need_snapshot = True
+            self._dirty.add((q, g))
+        q.groups[name] = g
+        return g
+
+    def leave(self, member_id: int) -> None:
+        """The consumer is gone: release its leases without spending attempts."""
+        with self._lock:
+            m = self._members.pop(member_id, None)
+            if m is None or m.closed:
+                return
+            m.closed = True
+            s = m.group.state
+            if s is not None and s.release_consumer(member_id):
+                self._dirty.add((m.queue, m.group))
+                self._notify()
+
+    def poll(self, member_id: int, limit: int) -> tuple[list[Delivery], int, float | None]:
+        """Take up to ``limit`` deliveries without waiting.
+
+        Returns (deliveries, version, next_due): wait for ``version`` to change, or until
+        ``next_due`` (engine clock) when a retry or lease expiry falls due, then poll again.
+        """
+        with self._lock:
+            self._check_open()
+            m = self._members.get(member_id)
+            if m is None:
+                raise ClosedError("the consumer")
+            q, g = m.queue, m.group
+            if g.lossy is not None:
+                items = g.lossy.take(limit)
+                return [(off, 1, 0.0, rec) for off, rec in items], self.version, None
+            s = g.state
+            assert s is not None
+            now = self.clock.now()
+            self._expire(q, g, now)
+            group = g.name
+            visible = q.visible
+
+            def keys_at(off: int) -> tuple[int, Sequence[Key]] | None:
+                if off >= visible:
+                    return None
+                b = self._batch_at(q, off)  # batches become visible whole
+                return b.first, b.keys_for(group)
+
+            grants = s.grant(now, limit, member_id, keys_at)
+            out: list[Delivery] = []
+            if grants:
+                self._dirty.add((q, g))
+                b: _Batch | None = None
+                for off, attempt, deadline in grants:
+                    if b is None or not b.first <= off < b.first + len(b.records):
+                        b = self._batch_at(q, off)
+                    out.append((off, attempt, deadline, b.records[off - b.first]))
+            return out, self.version, s.next_due()
+
+    def _expire(self, q: _Queue, g: _Group, now: float) -> None:
+        s = g.state
+        if s is None:
+            return
+        due = s.next_due()
+        if due is None or due > now:
+            return
+        actions = s.expire(now)
+        self._dirty.add((q, g))
+        for a in actions:
+            self._dead_letter(q, g, a, now)
+        self._notify()
+
+    def wait(self, version: int, timeout: float | None) -> None:
+        """Block until the engine changes after ``version``, or ``timeout`` seconds."""
+        with self._lock:
+            if self.version == version and not self._closing:
+                self._cv.wait(timeout)
+
+    def watch(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` (from any thread) on every change; returns the unwatch function."""
+        with self._lock:
+            self._watchers.add(callback)
+
+        def unwatch() -> None:
+            with self._lock:
+                self._watchers.discard(callback)
+
+        return unwatch
+
+    # -- settling ---------------------------------------------------------------------
+
+    def _settle_target(
+        self, member_id: int, epoch: int, off: int, attempt: int
+    ) -> tuple[_Queue, _Group, GroupState]:
+        self._check_open()
+        m = self._members.get(member_id)
+        if m is None or epoch != self.epoch:
+            raise LeaseExpired(
+                "?" if m is None else m.queue.name,
+                off,
+                attempt,
+                "the consumer was closed or the broker restarted since this delivery",
+            )
+        s = m.group.state
+        if s is None:
+            raise NotSupported(
+                f"queue {m.queue.name!r} is at-most-once: a message counts as processed "
+                f"when it is handed out, so it cannot be nacked, rejected or extended"
+            )
+        self._expire(m.queue, m.group, self.clock.now())
+        self._dirty.add((m.queue, m.group))
+        return m.queue, m.group, s
+
+    def ack(self, member_id: int, epoch: int, receipts: Iterable[tuple[int, int]]) -> None:
+        """Settle deliveries, each named by (offset, attempt). Stops at the first stale one."""
+        with self._lock:
+            m = self._members.get(member_id)
+            if m is not None and m.group.state is None:
+                return  # at-most-once: handed out is processed
+            receipts = list(receipts)
+            if not receipts:
+                return
+            _q, _g, s = self._settle_target(member_id, epoch, *receipts[0])
+            try:
+                for off, attempt in receipts:
+                    s.ack(off, attempt)
+            finally:
+                if s.ready:
+                    self._notify()
+
+    def nack(
+        self,
+        member_id: int,
+        epoch: int,
+        off: int,
+        attempt: int,
+        delay_s: float | None,
+        error: str | None,
+    ) -> bool:
+        """A failed attempt; returns True if the message was dead-lettered."""
+        with self._lock:
+            q, g, s = self._settle_target(member_id, epoch, off, attempt)
+            now = self.clock.now()
+            action = s.nack(off, attempt, now, delay_s, error)
+            if action is not None:
+                self._dead_letter(q, g, action, now)
+            self._notify()
+            return action is not None
+
+    def reject(self, member_id: int, epoch: int, off: int, attempt: int, reason: str) -> None:
+        with self._lock:
+            q, g, s = self._settle_target(member_id, epoch, off, attempt)
+            if q.spec.dead_letter is None:
+                raise NotSupported(
+                    f"queue {q.name!r} has no dead-letter queue, so a message cannot be "
+                    f"rejected; nack it to retry, or ack it to drop it deliberately"
+                )
+            now = self.clock.now()
+            self._dead_letter(q, g, s.reject(off, attempt, now, reason), now)
+            self._notify()
+
+    def extend(
+        self, member_id: int, epoch: int, off: int, attempt: int, seconds: float | None
+    ) -> float:
+        with self._lock:
+            _q, _g, s = self._settle_target(member_id, epoch, off, attempt)
+            return s.extend(off, attempt, self.clock.now(), seconds)
+
+    def release(self, member_id: int, epoch: int, off: int, attempt: int) -> None:
+        with self._lock:
+            _q, _g, s = self._settle_target(member_id, epoch, off, attempt)
+            s.release(off, attempt)
+            self._notify()
+
+    def is_leased(self, member_id: int, epoch: int, off: int, attempt: int) -> bool:
+        with self._lock:
+            m = self._members.get(member_id)
+            if m is None or epoch != self.epoch or self._failure is not None:
+                return False
+            s = m.group.state
+            return s is None or s.is_leased(off, attempt, self.clock.now())
+
+    def _dead_letter(self, q: _Queue, g: _Group, a: DeadLetterAction, now: float) -> None:
+        """Append the message to the dead-letter queue; the settle is already in ``g``."""
+        dlq = self._queues[q.spec.dead_letter] if q.spec.dead_letter else None
+        if dlq is None:  # resolve_spec guarantees a DLQ whenever the budget can run out
+            raise StorageError(f"queue {q.name!r} lost its dead-letter queue")
+        b = self._batch_at(q, a.offset)
+        _ts, mid, key, headers, body = b.records[a.offset - b.first]
+        if mid is None:
+            mid = f"{q.name}:{a.offset}"  # keep the message traceable after it moves
+        h = dict(headers) if headers else {}
+        h.pop(H_REPLAY_GROUP, None)
+        h.update(
+            {
+                H_ORIGIN_QUEUE: q.name,
+                H_ORIGIN_GROUP: g.name,
+                H_ORIGIN_OFFSET: str(a.offset),
+                H_ATTEMPTS: str(a.attempts),
+                H_FAILURES: str(a.failures),
+                H_REASON: a.reason,
+                H_DEAD_AT: repr(now),
+            }
+        )
+        if a.first_failure is not None:
+            h[H_FIRST_FAILURE] = repr(a.first_failure)
+        if a.last_failure is not None:
+            h[H_LAST_FAILURE] = repr(a.last_failure)
+        if a.last_error is not None:
+            h[H_LAST_ERROR] = a.last_error[:2000]
+        self._append(dlq, [(now, mid, key, h, body)])
+
+    # -- dead letters -----------------------------------------------------------------
+
+    def _dlq(self, queue: str) -> tuple[_Queue, _Group, GroupState]:
+        q = self._queue(queue)
+        name = q.spec.dead_letter
+        dlq = self._queues.get(name) if name else None
+        if dlq is None or DLQ_GROUP not in dlq.groups:
+            raise NotSupported(f"queue {queue!r} has no dead-letter queue")
+        g = dlq.groups[DLQ_GROUP]
+        assert g.state is not None
+        return dlq, g, g.state
+
+    def dead_letters(self, queue: str, limit: int | None = None) -> list[DeadMessage]:
+        """The messages in ``queue``'s dead-letter queue, oldest first."""
+        with self._lock:
+            self._check_open()
+            dlq, _g, s = self._dlq(queue)
+            out: list[DeadMessage] = []
+            for off in range(s.floor, dlq.visible):
+                if off in s.settled:
+                    continue
+                out.append(self._dead_message(dlq, off))
+                if limit is not None and len(out) >= limit:
+                    break
+            return out
+
+    def _dead_message(self, dlq: _Queue, off: int) -> DeadMessage:
+        b = self._batch_at(dlq, off)
+        _ts, mid, key, headers, body = b.records[off - b.first]
+        h = headers or {}
+
+        def num(name: str) -> float | None:
+            v = h.get(name)
+            return float(v) if v is not None else None
+
+        return DeadMessage(
+            offset=off,
+            id=mid,
+            key=key,
+            body=body,
+            headers=dict(h),
+            origin_queue=h.get(H_ORIGIN_QUEUE),
+            origin_group=h.get(H_ORIGIN_GROUP),
+            attempts=int(h.get(H_ATTEMPTS, "0")),
+            reason=h.get(H_REASON),
+            last_error=h.get(H_LAST_ERROR),
+            first_failure=num(H_FIRST_FAILURE),
+            last_failure=num(H_LAST_FAILURE),
+        )
+
+    def replay_dead_letters(
+        self,
+        queue: str,
+        where: Callable[[DeadMessage], bool] | None = None,
+        *,
+        limit: int | None = None,
+        dry_run: bool = False,
+    ) -> tuple[list[DeadMessage], Ticket | None]:
+        """Send dead letters back to the group that failed them, and remove them from the DLQ.
+
+        The replayed copy goes only to its origin group (other groups already have it),
+        with a fresh failure budget. Both happen in one commit.
+        """
+        with self._lock:
+            self._check_open()
+            dlq, g, s = self._dlq(queue)
+            origin = self._queue(queue)
+            chosen = [
+                d
+                for d in (
+                    self._dead_message(dlq, off)
+                    for off in range(s.floor, dlq.visible)
+                    if off not in s.settled
+                )
+                if where is None or where(d)
+            ][:limit]
+            if dry_run or not chosen:
+                return chosen, None
+            now = self.clock.now()
+            records: list[RecordTuple] = []
+            for d in chosen:
+                h = {
+                    k: v
+                    for k, v in d.headers.items()
+                    if not k.startswith("arrival-") or k == H_REPLAYS
+                }
+                h[H_REPLAYS] = str(int(h.get(H_REPLAYS, "0")) + 1)
+                if d.origin_group:
+                    h[H_REPLAY_GROUP] = d.origin_group
+                records.append((now, d.id, d.key, h, d.body))
+                s.settle_unleased(d.offset)
+            self._dirty.add((dlq, g))
+            return chosen, self._append(origin, records)
+
+    def purge_dead_letters(
+        self, queue: str, where: Callable[[DeadMessage], bool] | None = None
+    ) -> int:
+        """Delete dead letters (all, or those ``where`` selects); returns how many."""
+        with self._lock:
+            self._check_open()
+            dlq, g, s = self._dlq(queue)
+            n = 0
+            for off in range(s.floor, dlq.visible):
+                if off in s.settled:
+                    continue
+                if where is None or where(self._dead_message(dlq, off)):
+                    s.settle_unleased(off)
+                    n += 1
+            if n:
+                self._dirty.add((dlq, g))
+                ticket = Ticket()
+                self._barriers.append(ticket)
+                self._writer_cv.notify()
+        if n:
+            ticket.wait()
+        return n
+
+    def flush(self) -> Ticket:
+        """A Ticket that completes once everything done so far is committed (synced)."""
+        with self._lock:
+            self._check_open()
+            ticket = Ticket()
+            self._barriers.append(ticket)
+            self._writer_cv.notify()
+            return ticket
+
+    # -- the writer -------------------------------------------------------------------
+
+    def _collect(self) -> _Collected:
+        """Take everything there is to commit; the caller holds the lock."""
+        ws = WriteSet(sync=False)
+        published = []
+        for q, first, n, data, records, ticket in self._pending:
+            ws.batches.append((q.name, first, n, data))
+            published.append((q, first, records, ticket))
+        self._pending = []
+        if self._pending_specs:
+            ws.specs, self._pending_specs = self._pending_specs, {}
+        tickets, self._barriers = self._barriers, []
+        ws.sync = bool(ws.batches or ws.specs or tickets)
+        for q, g in self._dirty:
+            s = g.state
+            if s is None:
+                continue
+            if g.need_snapshot or g.since_snapshot >= SNAPSHOT_EVERY:
+                s.drain()
+                ws.groups.append(GroupRecord(q.name, g.name, g.seq, True, s.snapshot()))
+                g.need_snapshot = False
+                g.since_snapshot = 1
+                g.seq += 1
+            else:
+                delta = s.drain()
+                if delta is not None:
+                    ws.groups.append(GroupRecord(q.name, g.name, g.seq, False, delta))
+                    g.since_snapshot += 1
+                    g.seq += 1
+        self._dirty.clear()
+        trims = self._trims()
+        for q, below in trims:
+            ws.trims[q.name] = below
+            ws.meta[f"low:{q.name}"] = str(below).encode()
+        return ws, published, tickets, trims
+
+    def _trims(self) -> list[tuple[_Queue, int]]:
+        now = self.clock.now()
+        out = []
+        for q in self._queues.values():
+            if not q.groups or q.lossy is not None or len(q.firsts) < 2:
+                continue
+            floor = min(g.state.floor for g in q.groups.values() if g.state is not None)
+            if not q.floor_times or q.floor_times[-1][0] < floor:
+                q.floor_times.append((floor, now))
+            below = q.low
+            horizon = now - q.spec.retention
+            while q.floor_times and q.floor_times[0][1] <= horizon:
+                below = max(below, q.floor_times.popleft()[0])
+            below = min(below, q.firsts[-1])  # keep the newest batch: it records the end
+            i = bisect.bisect_right(q.firsts, below) - 1  # batches wholly below `below`
+            while i >= 0 and q.firsts[i] + q.counts[i] > below:
+                i -= 1
+            if i >= 0:
+                out.append((q, q.firsts[i] + q.counts[i]))
+        return out
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._lock:
+                if not (self._pending or self._barriers or self._closing):
+                    self._writer_cv.wait(self.ack_linger_s if self._dirty else HOUSEKEEPING_S)
+                    if not (self._pending or self._barriers or self._closing):
+                        now = self.clock.now()
+                        for q in self._queues.values():
+                            for g in list(q.groups.values()):
+                                self._expire(q, g, now)
+                if self._abandon:
+                    return
+                closing = self._closing
+                ws, published, tickets, trims = self._collect()
+                if closing:
+                    ws.sync = True
+            error: BaseException | None = None
+            if ws:
+                try:
+                    _crash.hit("writer.before-commit")
+                    self.storage.commit(ws)
+                    _crash.hit("writer.after-commit")
+                except BaseException as exc:  # noqa: BLE001 - every failure stops the engine
+                    error = exc if isinstance(exc, ArrivalError) else StorageError(str(exc))
+            with self._lock:
+                if error is not None:
+                    self._failure = error
+                    failed = list(self._pending)
+                    self._pending = []
+                else:
+                    failed = []
+                    for q, first, records, _t in published:
+                        q.visible = first + len(records)
+                        q.firsts.append(first)
+                        q.counts.append(len(records))
+                        self._cache(q, _Batch(first, records))
+                    for q, below in trims:
+                        q.low = below
+                        n = bisect.bisect_left(q.firsts, below)
+                        for first in q.firsts[:n]:
+                            q.cache.pop(first, None)
+                        del q.firsts[:n], q.counts[:n]
+                if published or error is not None:
+                    self._notify()
+            for _q, _first, _records, ticket in published:
+                if ticket is not None:
+                    ticket._finish(error)
+            for ticket in tickets:
+                ticket._finish(error)
+            for *_, ticket in failed:
+                if ticket is not None:
+                    ticket._finish(error)
+            if published:
+                _crash.hit("writer.after-ack")
+            if error is not None or closing:
+                return
+
+    # -- closing ----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release every lease (no attempt spent), commit what is pending, close the store."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closing = True
+            for m in list(self._members.values()):
+                s = m.group.state
+                if s is not None:
+                    s.release_consumer(m.id)
+                m.closed = True
+            self._members.clear()
+            self._writer_cv.notify()
+            self._notify()
+        self._writer.join()
+        with self._lock:
+            self._closed = True
+        self.storage.close()
+
+    def abandon(self) -> None:
+        """Stop as a crash would: nothing pending is committed. For tests."""
+        with self._lock:
+            if self._closed:
+                return
+            self._abandon = self._closing = True
+            self._writer_cv.notify()
+            self._notify()
+        self._writer.join()
+        with self._lock:
+            self._closed = True
+            failed, self._pending = self._pending, []
+        error = StorageError("the broker crashed before this write was committed")
+        for *_, ticket in failed:
+            if ticket is not None:
+                ticket._finish(error)
+        self.storage.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closing
