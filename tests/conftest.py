@@ -1,0 +1,69 @@
+"""Shared fixtures: a fake clock, and brokers on every embedded store that can crash.
+
+``reopen`` fixtures let a test "crash" a broker (drop it without closing: nothing pending
+is committed, exactly like SIGKILL for what the store holds) and open it again.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import arrival
+from arrival.storage.base import Storage
+from arrival.storage.memory import MemoryStorage
+from arrival.storage.sqlite import SqliteStorage
+from arrival.testing import FakeClock
+
+STORES = ["memory", "sqlite"]
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+class Stores:
+    """Opens brokers on one store again and again, as a process restarting would."""
+
+    def __init__(self, kind: str, tmp_path: Path, clock: FakeClock) -> None:
+        self.kind = kind
+        self.path = tmp_path / "data"
+        self.clock = clock
+        self._memory = MemoryStorage()
+        self.open_brokers: list[arrival.Broker] = []
+
+    def storage(self) -> Storage:
+        return self._memory if self.kind == "memory" else SqliteStorage(self.path)
+
+    def open(self, seed: int = 0) -> arrival.Broker:
+        b = arrival.connect(self.storage(), clock=self.clock, rng=random.Random(seed))
+        self.open_brokers.append(b)
+        return b
+
+    def crash(self, broker: arrival.Broker) -> None:
+        """Stop ``broker`` as SIGKILL would: nothing pending is committed."""
+        broker.engine.abandon()
+
+    def close_all(self) -> None:
+        for b in self.open_brokers:
+            b.close()  # a no-op for brokers already closed or crashed
+
+
+@pytest.fixture(params=STORES)
+def stores(request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock) -> Iterator[Stores]:
+    s = Stores(request.param, tmp_path, clock)
+    yield s
+    s.close_all()
+
+
+@pytest.fixture
+def broker(stores: Stores) -> arrival.Broker:
+    """A broker on each embedded store (memory, SQLite), on the fake clock."""
+    return stores.open()
+
+
+BrokerFactory = Callable[[], arrival.Broker]
