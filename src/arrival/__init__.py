@@ -18,12 +18,14 @@ from arrival._sync import Broker, Consumer, DeadLetters, Message, Producer, conn
 from arrival.engine import DeadMessage
 from arrival.model import (
     Backoff,
+    BrokerStats,
     DropPolicy,
     GroupStats,
     Guarantee,
     QueueDescription,
     QueueSpec,
     QueueStats,
+    StoredMessage,
 )
 
 __version__ = "0.1.0"
@@ -31,6 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Backoff",
     "Broker",
+    "BrokerStats",
     "Consumer",
     "DeadLetters",
     "DeadMessage",
@@ -43,6 +46,7 @@ __all__ = [
     "QueueDescription",
     "QueueSpec",
     "QueueStats",
+    "StoredMessage",
     "__version__",
     "connect",
     "errors",

@@ -15,7 +15,15 @@ from arrival._clock import Clock
 from arrival._common import MessageBase, batch_to_send, open_engine, queue_spec, to_send
 from arrival.engine import DeadMessage, Engine
 from arrival.errors import ClosedError, UsageError
-from arrival.model import Backoff, DropPolicy, QueueDescription, QueueSpec, QueueStats
+from arrival.model import (
+    Backoff,
+    BrokerStats,
+    DropPolicy,
+    QueueDescription,
+    QueueSpec,
+    QueueStats,
+    StoredMessage,
+)
 from arrival.semantics.spec import UNSET
 from arrival.storage.base import Storage
 
@@ -106,6 +114,15 @@ class Broker:
 
     def queues(self) -> list[str]:
         return self._engine.queue_names()
+
+    def peek(self, queue: str, limit: int = 10, *, start: int | None = None) -> list[StoredMessage]:
+        """Retained messages of ``queue`` from offset ``start`` (default: the oldest),
+        read without consuming them."""
+        return self._engine.peek(queue, limit, start)
+
+    def info(self) -> BrokerStats:
+        """The broker's own counters: commits and fsyncs since it opened."""
+        return self._engine.info()
 
     def stats(self, queue: str) -> QueueStats:
         return self._engine.stats(queue)

@@ -45,11 +45,13 @@ from arrival.errors import (
     UsageError,
 )
 from arrival.model import (
+    BrokerStats,
     GroupStats,
     Guarantee,
     QueueDescription,
     QueueSpec,
     QueueStats,
+    StoredMessage,
 )
 from arrival.semantics.delivery import SKIP, DeadLetterAction, GroupState, Key
 from arrival.semantics.lossy import LossyBuffer, LossyQueue
@@ -446,6 +448,16 @@ class Engine:
             facts["backend"] = "embedded"
             return describe(q.spec, facts)
 
+    def info(self) -> BrokerStats:
+        with self._lock:
+            return BrokerStats(
+                "embedded",
+                self.epoch,
+                len(self._queues),
+                self.storage.commits,
+                self.storage.syncs,
+            )
+
     def stats(self, name: str) -> QueueStats:
         with self._lock:
             q = self._queue(name)
@@ -482,6 +494,26 @@ class Engine:
             return QueueStats(
                 q.name, q.spec.guarantee, first, q.visible, stored, q.sent, dropped, tuple(groups)
             )
+
+    def peek(self, name: str, limit: int, start: int | None = None) -> list[StoredMessage]:
+        """Up to ``limit`` retained messages from ``start`` (default: the oldest), unconsumed."""
+        with self._lock:
+            self._check_open()
+            q = self._queue(name)
+            out: list[StoredMessage] = []
+            if q.lossy is not None:
+                for off, (ts, mid, key, h, body) in q.lossy.retained.items():
+                    if start is None or off >= start:
+                        out.append(StoredMessage(off, mid, key, dict(h or {}), body, ts))
+                return out[:limit]
+            first = max(q.low, q.firsts[0] if q.firsts else q.visible)
+            off = first if start is None else max(start, first)
+            while off < q.visible and len(out) < limit:
+                b = self._batch_at(q, off)
+                ts, mid, key, h, body = b.records[off - b.first]
+                out.append(StoredMessage(off, mid, key, dict(h or {}), body, ts))
+                off += 1
+            return out
 
     # -- producing --------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 __all__ = [
     "Backoff",
+    "BrokerStats",
     "DropPolicy",
     "GroupStats",
     "Guarantee",
@@ -14,6 +15,7 @@ __all__ = [
     "QueueSpec",
     "QueueStats",
     "Record",
+    "StoredMessage",
 ]
 
 
@@ -89,6 +91,18 @@ class Record:
 
 
 @dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """A message as the queue holds it, read without consuming it (``broker.peek``)."""
+
+    offset: int
+    id: str | None
+    key: str | None
+    headers: dict[str, str]
+    body: bytes
+    timestamp: float
+
+
+@dataclass(frozen=True, slots=True)
 class GroupStats:
     group: str
     backlog: int  # messages retained and not yet settled by this group
@@ -113,6 +127,15 @@ class QueueStats:
     sent: int  # accepted since the broker opened
     dropped: int  # at-most-once: dropped on overflow since the broker opened
     groups: tuple[GroupStats, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerStats:
+    backend: str
+    epoch: int  # times the data directory was opened
+    queues: int
+    commits: int  # store commits since the broker opened
+    fsyncs: int  # of which durable (fsynced); concurrent sends share one
 
 
 @dataclass(frozen=True, slots=True)

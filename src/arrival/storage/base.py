@@ -56,6 +56,9 @@ class Loaded:
 class Storage(Protocol):
     """A store for queues: specs, message batches and consumer-group records."""
 
+    syncs: int  # durable commits so far
+    commits: int  # all commits so far
+
     @property
     def description(self) -> dict[str, str]:
         """Facts for ``describe()``: where the data lives and the fsync policy."""

@@ -1,0 +1,192 @@
+"""``arrival bench``: end-to-end throughput and latency per guarantee, on the public API.
+
+A run sends ``count`` messages of ``size`` bytes from producer threads (``send_batch``
+of ``batch`` messages each) while one consumer thread receives batches and acks them.
+Throughput is messages produced, delivered and acked per second, first send to last
+ack. Latency is per message, from the broker accepting it to the ack returning.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import arrival
+
+__all__ = ["BenchResult", "run_bench", "summarize"]
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class BenchResult:
+    guarantee: str
+    messages: int
+    size_bytes: int
+    batch: int
+    producers: int
+    seconds: float
+    throughput: float  # msg/s end to end
+    delivered: int
+    dropped: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    p999_ms: float
+    fsyncs: int
+    commits: int
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass(slots=True)
+class _Consumed:
+    count: int = 0
+    latencies_s: list[float] = field(default_factory=list)
+    error: BaseException | None = None
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    i = min(len(sorted_values) - 1, int(q * len(sorted_values)))
+    return sorted_values[i]
+
+
+def run_bench(
+    guarantee: str,
+    *,
+    count: int,
+    size: int,
+    batch: int,
+    producers: int,
+    url: str | None = None,
+    progress: Progress | None = None,
+) -> BenchResult:
+    """One run against a fresh data directory (or ``url``); see the module docstring."""
+    own_dir = None
+    if url is None:
+        own_dir = tempfile.mkdtemp(prefix="arrival-bench-")
+        url = own_dir
+    try:
+        return _run(guarantee, count, size, batch, producers, url, progress)
+    finally:
+        if own_dir is not None:
+            shutil.rmtree(own_dir, ignore_errors=True)
+
+
+def _run(
+    guarantee: str,
+    count: int,
+    size: int,
+    batch: int,
+    producers: int,
+    url: str,
+    progress: Progress | None,
+) -> BenchResult:
+    queue = f"bench-{guarantee}-{os.getpid()}-{time.monotonic_ns()}"
+    with arrival.connect(url) as broker:
+        if guarantee == "at-most-once":
+            broker.create_queue(queue, guarantee, capacity=max(count, 1))
+        else:
+            broker.create_queue(queue, guarantee)
+        consumer = broker.consumer(queue, "bench")
+        body = os.urandom(size)
+        before = broker.info()
+        per_producer = [count // producers + (i < count % producers) for i in range(producers)]
+        produced_all = threading.Event()
+        consumed = _Consumed()
+
+        def produce(n: int) -> None:
+            p = broker.producer()
+            left = n
+            while left > 0:
+                k = min(batch, left)
+                p.send_batch(queue, [body] * k)
+                left -= k
+
+        def consume() -> None:
+            try:
+                lat = consumed.latencies_s
+                while consumed.count < count:
+                    msgs = consumer.receive_batch(batch, timeout=0.2)
+                    if not msgs:
+                        if produced_all.is_set() and guarantee == "at-most-once":
+                            break  # the rest was dropped
+                        continue
+                    consumer.ack_batch(msgs)
+                    now = time.time()
+                    lat.extend([now - m.timestamp for m in msgs])
+                    consumed.count += len(msgs)
+                    if progress is not None:
+                        progress(len(msgs))
+            except BaseException as exc:  # noqa: BLE001 - reported by the caller
+                consumed.error = exc
+
+        c = threading.Thread(target=consume, name="bench-consumer")
+        ps = [
+            threading.Thread(target=produce, args=(n,), name="bench-producer") for n in per_producer
+        ]
+        start = time.perf_counter()
+        c.start()
+        for t in ps:
+            t.start()
+        for t in ps:
+            t.join()
+        produced_all.set()
+        c.join()
+        seconds = time.perf_counter() - start
+        if consumed.error is not None:
+            raise consumed.error
+        after = broker.info()
+        stats = broker.stats(queue)
+        consumer.close()
+    lat = sorted(consumed.latencies_s)
+    return BenchResult(
+        guarantee=guarantee,
+        messages=count,
+        size_bytes=size,
+        batch=batch,
+        producers=producers,
+        seconds=seconds,
+        throughput=consumed.count / seconds if seconds > 0 else 0.0,
+        delivered=consumed.count,
+        dropped=stats.dropped,
+        p50_ms=_percentile(lat, 0.50) * 1000,
+        p90_ms=_percentile(lat, 0.90) * 1000,
+        p99_ms=_percentile(lat, 0.99) * 1000,
+        p999_ms=_percentile(lat, 0.999) * 1000,
+        fsyncs=after.fsyncs - before.fsyncs,
+        commits=after.commits - before.commits,
+    )
+
+
+def summarize(runs: list[BenchResult]) -> dict[str, object]:
+    """The median run (by throughput) of several, with every run's throughput."""
+    ordered = sorted(runs, key=lambda r: r.throughput)
+    median = ordered[len(ordered) // 2]
+    return {
+        **median.as_dict(),
+        "runs": len(runs),
+        "throughput_runs": [r.throughput for r in runs],
+        "throughput_median": statistics.median(r.throughput for r in runs),
+    }
+
+
+def environment() -> dict[str, object]:
+    return {
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "arrival": arrival.__version__,
+        "backend": "embedded",
+    }

@@ -1,0 +1,73 @@
+"""The import rules of STYLE.md, enforced: layers stay apart, so each can be replaced."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parent.parent / "src" / "arrival"
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return {n for n in names if n == "arrival" or n.startswith("arrival.")}
+
+
+def _package_imports(package: str) -> dict[str, set[str]]:
+    return {str(p.relative_to(SRC)): _imports(p) for p in (SRC / package).rglob("*.py")}
+
+
+def test_semantics_is_pure() -> None:
+    allowed = ("arrival.semantics", "arrival.model", "arrival.errors")
+    for path, mods in _package_imports("semantics").items():
+        bad = {m for m in mods if not m.startswith(allowed)}
+        assert not bad, f"{path} imports {bad}: semantics may use only model and errors"
+
+
+def test_storage_knows_no_semantics() -> None:
+    allowed = ("arrival.storage", "arrival.errors")
+    for path, mods in _package_imports("storage").items():
+        bad = {m for m in mods if not m.startswith(allowed)}
+        assert not bad, f"{path} imports {bad}: storage takes bytes and records only"
+
+
+def test_only_the_engine_joins_semantics_and_storage() -> None:
+    for p in SRC.rglob("*.py"):
+        rel = str(p.relative_to(SRC))
+        if rel.startswith(("semantics/", "storage/", "testing/")) or rel in (
+            "engine.py",
+            "_common.py",
+        ):
+            continue
+        mods = _imports(p)
+        both = any(m.startswith("arrival.semantics.delivery") for m in mods) and any(
+            m.startswith("arrival.storage") for m in mods
+        )
+        assert not both, f"{rel} joins semantics and storage; only engine.py may"
+
+
+def test_cli_uses_only_the_public_api() -> None:
+    allowed = ("arrival", "arrival.errors", "arrival.cli")
+    for path, mods in _package_imports("cli").items():
+        bad = {m for m in mods if m not in allowed and not m.startswith("arrival.cli")}
+        assert not bad, f"cli/{path} imports {bad}: the CLI is a shell over the public API"
+
+
+def test_nothing_in_src_imports_testing() -> None:
+    for p in SRC.rglob("*.py"):
+        rel = str(p.relative_to(SRC))
+        if rel.startswith("testing/"):
+            continue
+        assert not any(m.startswith("arrival.testing") for m in _imports(p)), rel
+
+
+def test_the_rules_can_fail(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.py"
+    bad.write_text("from arrival.storage.sqlite import SqliteStorage\nimport arrival.engine\n")
+    assert _imports(bad) == {"arrival.storage.sqlite", "arrival.engine"}
