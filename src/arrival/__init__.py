@@ -19,6 +19,7 @@ from arrival.engine import DeadMessage
 from arrival.model import (
     Backoff,
     BrokerStats,
+    ConsumerStats,
     DropPolicy,
     GroupStats,
     Guarantee,
@@ -35,6 +36,7 @@ __all__ = [
     "Broker",
     "BrokerStats",
     "Consumer",
+    "ConsumerStats",
     "DeadLetters",
     "DeadMessage",
     "DropPolicy",

@@ -18,6 +18,7 @@ from arrival.errors import ClosedError, UsageError
 from arrival.model import (
     Backoff,
     BrokerStats,
+    ConsumerStats,
     DropPolicy,
     QueueDescription,
     QueueSpec,
@@ -250,6 +251,10 @@ class Consumer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def stats(self) -> ConsumerStats:
+        """This consumer's counters and how many messages it holds now."""
+        return self._engine.member_stats(self._member)
 
     def receive(self, timeout: float | None = None) -> Message | None:
         """The next message, waiting up to ``timeout`` seconds (None: forever); None if

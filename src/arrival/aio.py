@@ -23,6 +23,7 @@ from arrival.errors import ClosedError, UsageError
 from arrival.model import (
     Backoff,
     BrokerStats,
+    ConsumerStats,
     DropPolicy,
     QueueDescription,
     QueueSpec,
@@ -233,6 +234,10 @@ class Consumer:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    async def stats(self) -> ConsumerStats:
+        """This consumer's counters and how many messages it holds now."""
+        return self._engine.member_stats(self._member)
 
     async def receive(self, timeout: float | None = None) -> Message | None:
         got = await self.receive_batch(1, timeout)

@@ -46,6 +46,7 @@ from arrival.errors import (
 )
 from arrival.model import (
     BrokerStats,
+    ConsumerStats,
     GroupStats,
     Guarantee,
     QueueDescription,
@@ -246,13 +247,17 @@ _Collected = tuple[WriteSet, _Published, list["Ticket"], list[tuple["_Queue", in
 
 
 class _Member:
-    __slots__ = ("closed", "group", "id", "queue")
+    __slots__ = ("acked", "closed", "group", "id", "nacked", "queue", "received", "rejected")
 
     def __init__(self, member_id: int, queue: _Queue, group: _Group) -> None:
         self.id = member_id
         self.queue = queue
         self.group = group
         self.closed = False
+        self.received = 0
+        self.acked = 0
+        self.nacked = 0
+        self.rejected = 0
 
 
 def _lossy_key(item: tuple[int, RecordTuple]) -> object:
@@ -458,6 +463,21 @@ class Engine:
                 self.storage.syncs,
             )
 
+    def member_stats(self, member_id: int) -> ConsumerStats:
+        with self._lock:
+            m = self._members.get(member_id)
+            if m is None:
+                raise ClosedError("the consumer")
+            s = m.group.state
+            held = (
+                sum(1 for e in s.entries.values() if e.leased and e.consumer == member_id)
+                if s is not None
+                else 0
+            )
+            return ConsumerStats(
+                m.queue.name, m.group.name, m.id, m.received, m.acked, m.nacked, m.rejected, held
+            )
+
     def stats(self, name: str) -> QueueStats:
         with self._lock:
             q = self._queue(name)
@@ -521,20 +541,24 @@ class Engine:
         """Append ``messages`` in order. Durable queues: a Ticket that completes when they
         are committed. At-most-once queues: None, and the messages are already queued."""
         now = self.clock.now()
+        q = self._queue(queue)  # a dict read; specs never change once created
+        limit = q.spec.max_message_bytes
+        records: list[RecordTuple] = []
+        for mid, key, headers, body in messages:
+            size = len(body)
+            if headers:
+                size += sum(len(k) + len(v) for k, v in headers.items())
+            if size > limit:
+                raise MessageTooLarge(queue, size, limit)
+            records.append((now, mid, key, headers, body))
+        if not records:
+            raise UsageError("send needs at least one message")
+        # encode outside the lock: concurrent producers encode in parallel with commits
+        data = encode_batch(records) if q.lossy is None else b""
         with self._lock:
             self._check_open()
-            q = self._queue(queue)
-            limit = q.spec.max_message_bytes
-            records: list[RecordTuple] = []
-            for mid, key, headers, body in messages:
-                size = len(body)
-                if headers:
-                    size += sum(len(k) + len(v) for k, v in headers.items())
-                if size > limit:
-                    raise MessageTooLarge(queue, size, limit)
-                records.append((now, mid, key, headers, body))
-            if not records:
-                raise UsageError("send needs at least one message")
+            if self._queues.get(queue) is not q:
+                raise UnknownQueue(queue)
             q.sent += len(records)
             if q.lossy is not None:
                 lossy = q.lossy
@@ -545,14 +569,16 @@ class Engine:
                 q.end = q.visible = off
                 self._notify()
                 return None
-            return self._append(q, records)
+            return self._append(q, records, data)
 
-    def _append(self, q: _Queue, records: list[RecordTuple]) -> Ticket:
+    def _append(self, q: _Queue, records: list[RecordTuple], data: bytes | None = None) -> Ticket:
         """Queue a durable batch for the writer; the caller holds the lock."""
         ticket = Ticket()
         first = ticket.result = q.end
         q.end += len(records)
-        self._pending.append((q, first, len(records), encode_batch(records), records, ticket))
+        if data is None:
+            data = encode_batch(records)
+        self._pending.append((q, first, len(records), data, records, ticket))
         self._writer_cv.notify()
         return ticket
 
@@ -607,6 +633,7 @@ class Engine:
             q, g = m.queue, m.group
             if g.lossy is not None:
                 items = g.lossy.take(limit)
+                m.received += len(items)
                 return [(off, 1, 0.0, rec) for off, rec in items], self.version, None
             s = g.state
             assert s is not None
@@ -623,6 +650,7 @@ class Engine:
 
             grants = s.grant(now, limit, member_id, keys_at)
             out: list[Delivery] = []
+            m.received += len(grants)
             if grants:
                 self._dirty.add((q, g))
                 b: _Batch | None = None
@@ -696,10 +724,11 @@ class Engine:
             if not receipts:
                 return
             _q, _g, s = self._settle_target(member_id, epoch, *receipts[0])
+            before = s.n_acked
             try:
-                for off, attempt in receipts:
-                    s.ack(off, attempt)
+                s.ack_many(receipts)
             finally:
+                self._members[member_id].acked += s.n_acked - before
                 if s.ready:
                     self._notify()
 
@@ -717,6 +746,7 @@ class Engine:
             q, g, s = self._settle_target(member_id, epoch, off, attempt)
             now = self.clock.now()
             action = s.nack(off, attempt, now, delay_s, error)
+            self._members[member_id].nacked += 1
             if action is not None:
                 self._dead_letter(q, g, action, now)
             self._notify()
@@ -732,6 +762,7 @@ class Engine:
                 )
             now = self.clock.now()
             self._dead_letter(q, g, s.reject(off, attempt, now, reason), now)
+            self._members[member_id].rejected += 1
             self._notify()
 
     def extend(

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 __all__ = [
     "Backoff",
     "BrokerStats",
+    "ConsumerStats",
     "DropPolicy",
     "GroupStats",
     "Guarantee",
@@ -115,6 +116,18 @@ class GroupStats:
     expired: int
     dead_lettered: int
     dropped: int  # at-most-once: dropped before this group received them
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerStats:
+    queue: str
+    group: str
+    member: int
+    received: int  # deliveries to this consumer
+    acked: int
+    nacked: int
+    rejected: int
+    in_flight: int  # leased to this consumer now
 
 
 @dataclass(frozen=True, slots=True)

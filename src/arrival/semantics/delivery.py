@@ -25,7 +25,7 @@ from __future__ import annotations
 import heapq
 import random
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -202,6 +202,8 @@ class GroupState:
             out.append(self._lease(off, e, deadline, consumer))
             self.n_redelivered += e.deliveries > 1
         keys = self.keys
+        fresh = 0
+        ev_delivered = self._ev_delivered.append
         while len(out) < limit:
             chunk = keys_at(self.cursor)
             if chunk is None:
@@ -231,8 +233,17 @@ class GroupState:
                         q.append(off)  # blocked behind an earlier message of its key
                         continue
                     keys[key] = deque((off,))  # type: ignore[index]
-                out.append(self._lease(off, e, deadline, consumer))
+                # a first delivery: _lease() inlined, this is the hot path
+                e.deliveries = 1
+                e.leased = True
+                e.deadline = deadline
+                e.consumer = consumer
+                fresh += 1
+                ev_delivered(off)
+                out.append((off, 1, deadline))
             self.cursor = base + i
+        self.in_flight += fresh
+        self.n_delivered += fresh
         if out:
             self._expiries.append((deadline, [g[0] for g in out]))
         return out
@@ -308,11 +319,21 @@ class GroupState:
 
         Call ``expire(now)`` first so that a lease past its deadline is refused.
         """
-        e = self._current(off, attempt)
-        self.in_flight -= 1
-        e.leased = False
-        self.n_acked += 1
-        self._settle(off, e)
+        self.ack_many(((off, attempt),))
+
+    def ack_many(self, receipts: Iterable[tuple[int, int]]) -> None:
+        """Settle many deliveries, each named by (offset, attempt), stopping at a stale one."""
+        entries = self.entries
+        settle = self._settle
+        for off, attempt in receipts:
+            e = entries.get(off)
+            if e is None or not e.leased or e.deliveries != attempt:
+                self._current(off, attempt)  # raises the precise error
+                raise AssertionError("unreachable")  # pragma: no cover
+            e.leased = False
+            self.in_flight -= 1
+            self.n_acked += 1
+            settle(off, e)
 
     def nack(
         self, off: int, attempt: int, now: float, delay_s: float | None, error: str | None
