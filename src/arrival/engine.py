@@ -243,7 +243,7 @@ class _Queue:
 
 
 _Published = list[tuple["_Queue", int, list[RecordTuple], "Ticket | None"]]
-_Collected = tuple[WriteSet, _Published, list["Ticket"], list[tuple["_Queue", int]]]
+_Collected = tuple[WriteSet, _Published, list["Ticket"]]
 
 
 class _Member:
@@ -423,6 +423,9 @@ class Engine:
                         f"dead_letter {spec.dead_letter!r} is an at-most-once queue, which "
                         f"may drop what it is given; name a durable queue",
                     )
+                elif DLQ_GROUP not in dl.groups:
+                    # an existing queue becomes a dead-letter queue from now on
+                    self._add_group(dl, DLQ_GROUP, latest=True)
             self._add_queue(spec, dlq=False)
             ticket = Ticket()
             self._barriers.append(ticket)
@@ -973,11 +976,17 @@ class Engine:
                     g.since_snapshot += 1
                     g.seq += 1
         self._dirty.clear()
-        trims = self._trims()
-        for q, below in trims:
+        for q, below in self._trims():
             ws.trims[q.name] = below
             ws.meta[f"low:{q.name}"] = str(below).encode()
-        return ws, published, tickets, trims
+            # forget the batches now, before the commit deletes them, so that no reader
+            # (a new group, peek, a dead-letter listing) looks for them meanwhile
+            q.low = below
+            n = bisect.bisect_left(q.firsts, below)
+            for first in q.firsts[:n]:
+                q.cache.pop(first, None)
+            del q.firsts[:n], q.counts[:n]
+        return ws, published, tickets
 
     def _trims(self) -> list[tuple[_Queue, int]]:
         now = self.clock.now()
@@ -1013,7 +1022,7 @@ class Engine:
                 if self._abandon:
                     return
                 closing = self._closing
-                ws, published, tickets, trims = self._collect()
+                ws, published, tickets = self._collect()
                 if closing:
                     ws.sync = True
             error: BaseException | None = None
@@ -1036,12 +1045,6 @@ class Engine:
                         q.firsts.append(first)
                         q.counts.append(len(records))
                         self._cache(q, _Batch(first, records))
-                    for q, below in trims:
-                        q.low = below
-                        n = bisect.bisect_left(q.firsts, below)
-                        for first in q.firsts[:n]:
-                            q.cache.pop(first, None)
-                        del q.firsts[:n], q.counts[:n]
                 if published or error is not None:
                     self._notify()
             for _q, _first, _records, ticket in published:
