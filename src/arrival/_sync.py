@@ -188,7 +188,11 @@ class Producer:
         first offset. All are stored, in order, or none is."""
         if self._closed:
             raise ClosedError("the producer")
-        ticket = self._engine.send(queue, batch_to_send(messages))
+        items = list(messages)
+        if all(type(m) is bytes for m in items):  # the fast path: bodies only
+            ticket = self._engine.send_bodies(queue, items)
+        else:
+            ticket = self._engine.send(queue, batch_to_send(items))
         return None if ticket is None else ticket.wait(timeout)
 
     def close(self) -> None:

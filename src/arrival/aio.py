@@ -183,7 +183,11 @@ class Producer:
     async def send_batch(self, queue: str, messages: Iterable[bytes | Any]) -> int | None:
         if self._closed:
             raise ClosedError("the producer")
-        ticket = self._engine.send(queue, batch_to_send(messages))
+        items = list(messages)
+        if all(type(m) is bytes for m in items):  # the fast path: bodies only
+            ticket = self._engine.send_bodies(queue, items)
+        else:
+            ticket = self._engine.send(queue, batch_to_send(items))
         return None if ticket is None else await _committed(ticket)
 
     async def close(self) -> None:

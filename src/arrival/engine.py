@@ -554,6 +554,19 @@ class Engine:
             if size > limit:
                 raise MessageTooLarge(queue, size, limit)
             records.append((now, mid, key, headers, body))
+        return self._send_records(q, records)
+
+    def send_bodies(self, queue: str, bodies: Sequence[bytes]) -> Ticket | None:
+        """``send`` for messages that are bodies only (no id, key or headers)."""
+        now = self.clock.now()
+        q = self._queue(queue)
+        limit = q.spec.max_message_bytes
+        if bodies and max(map(len, bodies)) > limit:
+            raise MessageTooLarge(queue, max(map(len, bodies)), limit)
+        return self._send_records(q, [(now, None, None, None, b) for b in bodies])
+
+    def _send_records(self, q: _Queue, records: list[RecordTuple]) -> Ticket | None:
+        queue = q.name
         if not records:
             raise UsageError("send needs at least one message")
         # encode outside the lock: concurrent producers encode in parallel with commits
@@ -564,12 +577,11 @@ class Engine:
                 raise UnknownQueue(queue)
             q.sent += len(records)
             if q.lossy is not None:
-                lossy = q.lossy
                 off = q.visible
-                for r in records:
-                    lossy.put((off, r), off if r[2] is None else r[2])
-                    off += 1
-                q.end = q.visible = off
+                items = list(zip(range(off, off + len(records)), records, strict=True))
+                keys = [_lossy_key(item) for item in items] if q.lossy.conflate else []
+                q.lossy.put_many(items, keys)
+                q.end = q.visible = off + len(records)
                 self._notify()
                 return None
             return self._append(q, records, data)

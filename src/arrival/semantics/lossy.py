@@ -63,6 +63,32 @@ class LossyBuffer(Generic[T]):
             items.popleft()
         items.append(item)
 
+    def put_many(self, items: list[T], keys: list[object]) -> None:
+        """``put`` each item in order; one step for the whole batch when not conflating
+        (``keys`` is then ignored and may be empty)."""
+        if self._keyed is not None:
+            for item, key in zip(items, keys, strict=True):
+                self.put(item, key)
+            return
+        q = self._items
+        room = self.capacity - len(q)
+        n = len(items)
+        if n <= room:
+            q.extend(items)
+            return
+        self.dropped += n - max(room, 0)
+        if self.drop is DropPolicy.NEWEST:
+            if room > 0:
+                q.extend(items[:room])
+            return
+        if n >= self.capacity:
+            q.clear()
+            q.extend(items[n - self.capacity :])
+            return
+        for _ in range(n - room):
+            q.popleft()
+        q.extend(items)
+
     def take(self, limit: int) -> list[T]:
         """Remove and return up to ``limit`` items, oldest first."""
         keyed = self._keyed
@@ -104,6 +130,15 @@ class LossyQueue(Generic[T]):
             self._unclaimed_drops += self.retained.dropped - before
         for buf in self.groups.values():
             buf.put(item, key)
+
+    def put_many(self, items: list[T], keys: list[object]) -> None:
+        self.sent += len(items)
+        before = self.retained.dropped
+        self.retained.put_many(items, keys)
+        if not self.groups:
+            self._unclaimed_drops += self.retained.dropped - before
+        for buf in self.groups.values():
+            buf.put_many(items, keys)
 
     def add_group(self, group: str, latest: bool, key_of: Callable[[T], object]) -> LossyBuffer[T]:
         """Create ``group``; it starts with the retained messages unless ``latest``."""
