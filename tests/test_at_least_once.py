@@ -6,11 +6,11 @@ import threading
 import time
 
 import pytest
-from conftest import Stores
 
 import arrival
 from arrival.errors import AlreadySettled, ClosedError, LeaseExpired
 from arrival.testing import FakeClock
+from conftest import Stores
 
 NO_BACKOFF = arrival.Backoff(initial_s=0.0, multiplier=1.0, max_s=0.0, jitter=0.0)
 
@@ -139,7 +139,8 @@ def test_members_of_a_group_share_messages(broker: arrival.Broker) -> None:
     broker.producer().send_batch("q", [b"%d" % i for i in range(6)])
     first = c1.receive_batch(3, timeout=0)
     second = c2.receive_batch(10, timeout=0)
-    assert len(first) == 3 and len(second) == 3
+    assert len(first) == 3
+    assert len(second) == 3
     assert {m.offset for m in first}.isdisjoint({m.offset for m in second})
     assert {m.offset for m in first} | {m.offset for m in second} == set(range(6))
     # while leased, no member gets any of them again
@@ -157,7 +158,7 @@ def test_late_group_starts_at_oldest_retained_message(broker: arrival.Broker) ->
 
 
 def test_start_latest_skips_earlier_messages(broker: arrival.Broker) -> None:
-    broker.create_queue("q", "at-least-once")
+    broker.create_queue("q", "at-least-once", retention=3600.0)
     p = broker.producer()
     p.send("q", b"old-1")
     p.send("q", b"old-2")
@@ -165,7 +166,7 @@ def test_start_latest_skips_earlier_messages(broker: arrival.Broker) -> None:
     assert c.receive(timeout=0) is None
     p.send("q", b"new")
     assert _bodies(_drain(c)) == [b"new"]
-    # an earliest group on the same queue still gets all three
+    # an earliest group on the same queue still gets all three (retained for an hour)
     assert _bodies(_drain(broker.consumer("q", "other"))) == [b"old-1", b"old-2", b"new"]
 
 
@@ -197,7 +198,8 @@ def test_receive_wakes_up_when_a_message_is_sent(broker: arrival.Broker) -> None
     th.join(5)
     assert not th.is_alive()
     assert time.monotonic() - t0 < 2
-    assert got[0] is not None and got[0].body == b"wake"
+    assert got[0] is not None
+    assert got[0].body == b"wake"
 
 
 # -- leases ----------------------------------------------------------------------------
@@ -219,16 +221,15 @@ def test_ack_after_lease_expired_raises(broker: arrival.Broker, clock: FakeClock
     assert (info.value.offset, info.value.attempt) == (0, 1)
     assert "extend()" in str(info.value)
     again = c.receive(timeout=0)  # redelivered after the expiry
-    assert again is not None and (again.offset, again.attempt) == (0, 2)
+    assert again is not None
+    assert (again.offset, again.attempt) == (0, 2)
     with pytest.raises(LeaseExpired):
         msg.nack()  # the stale receipt stays refused
     again.ack()
     assert _group(broker, "q", "g").acked == 1
 
 
-def test_expired_message_goes_to_another_member(
-    broker: arrival.Broker, clock: FakeClock
-) -> None:
+def test_expired_message_goes_to_another_member(broker: arrival.Broker, clock: FakeClock) -> None:
     broker.create_queue("q", "at-least-once", ack_timeout=5.0, backoff=NO_BACKOFF)
     broker.producer().send("q", b"x")
     c1 = broker.consumer("q", "g")
@@ -238,9 +239,11 @@ def test_expired_message_goes_to_another_member(
     assert c2.receive(timeout=0) is None
     clock.advance(6.0)
     second = c2.receive(timeout=0)
-    assert second is not None and (second.offset, second.attempt) == (0, 2)
+    assert second is not None
+    assert (second.offset, second.attempt) == (0, 2)
     assert second.redelivered
-    assert first.lease_lost and not second.lease_lost
+    assert first.lease_lost
+    assert not second.lease_lost
     with pytest.raises(LeaseExpired):
         first.ack()
     second.ack()
@@ -263,8 +266,21 @@ def test_extend_keeps_the_lease(broker: arrival.Broker, clock: FakeClock) -> Non
     clock.advance(25.0)
     assert other.receive(timeout=0) is None
     msg.ack()
+    with pytest.raises(AlreadySettled):
+        msg.extend()
     g = _group(broker, "q", "g")
     assert (g.acked, g.expired, g.delivered) == (1, 0, 1)
+
+
+def test_extend_after_expiry_is_refused(broker: arrival.Broker, clock: FakeClock) -> None:
+    broker.create_queue("q", "at-least-once", ack_timeout=10.0)
+    broker.producer().send("q", b"x")
+    msg = broker.consumer("q", "g").receive(timeout=0)
+    assert msg is not None
+    clock.advance(10.5)
+    with pytest.raises(LeaseExpired):
+        msg.extend()
+    assert msg.lease_lost
 
 
 def test_nack_with_delay(broker: arrival.Broker, clock: FakeClock) -> None:
@@ -295,7 +311,8 @@ def test_nack_without_delay_uses_backoff(broker: arrival.Broker, clock: FakeCloc
     c = broker.consumer("q", "g")
     for attempt in (1, 2, 3):
         msg = c.receive(timeout=0)
-        assert msg is not None and msg.attempt == attempt
+        assert msg is not None
+        assert msg.attempt == attempt
         msg.nack()
         # the backoff is at least initial_s * (1 - jitter) = 1 s: not redelivered at once
         assert c.receive(timeout=0) is None
@@ -303,7 +320,8 @@ def test_nack_without_delay_uses_backoff(broker: arrival.Broker, clock: FakeCloc
         assert c.receive(timeout=0) is None
         clock.advance(backoff.max_s)
     last = c.receive(timeout=0)
-    assert last is not None and last.attempt == 4
+    assert last is not None
+    assert last.attempt == 4
     last.ack()
     assert _group(broker, "q", "g").nacked == 3
 
@@ -316,7 +334,8 @@ def test_nack_zero_delay_redelivers_at_once(broker: arrival.Broker) -> None:
     assert msg is not None
     msg.nack(delay=0, error="flaky")
     again = c.receive(timeout=0)
-    assert again is not None and again.attempt == 2
+    assert again is not None
+    assert again.attempt == 2
 
 
 def test_release_does_not_spend_an_attempt(broker: arrival.Broker) -> None:
@@ -400,17 +419,20 @@ def test_nacked_head_blocks_its_key_only(broker: arrival.Broker, clock: FakeCloc
     p.send("q", b"free")
     c = broker.consumer("q", "g")
     head = c.receive(timeout=0)
-    assert head is not None and head.body == b"a1"
+    assert head is not None
+    assert head.body == b"a1"
     head.nack()  # default backoff
     # a2 waits for a1; other keys and unkeyed messages go on
     assert _bodies(_drain(c)) == [b"b1", b"free"]
     clock.advance(arrival.Backoff().max_s)
     retry = c.receive(timeout=0)
-    assert retry is not None and (retry.body, retry.attempt) == (b"a1", 2)
+    assert retry is not None
+    assert (retry.body, retry.attempt) == (b"a1", 2)
     assert c.receive(timeout=0) is None  # a2 still waits while a1 is leased
     retry.ack()
     nxt = c.receive(timeout=0)
-    assert nxt is not None and (nxt.body, nxt.attempt) == (b"a2", 1)
+    assert nxt is not None
+    assert (nxt.body, nxt.attempt) == (b"a2", 1)
 
 
 def test_unkeyed_messages_in_parallel(broker: arrival.Broker) -> None:
@@ -489,11 +511,6 @@ def test_iteration_stops_when_broker_closes(broker: arrival.Broker) -> None:
     assert seen == [b"only"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Consumer.close() does not wake a receive() blocked without timeout "
-    "(Engine.leave notifies only when the member held leases)",
-)
 def test_close_wakes_a_blocked_receive(broker: arrival.Broker) -> None:
     broker.create_queue("q", "at-least-once")
     c = broker.consumer("q", "g")
@@ -536,15 +553,32 @@ def test_reopen_redelivers_exactly_the_unacked(stores: Stores) -> None:
     assert held[1].lease_lost
 
     b2 = stores.open()
-    got = _drain(b2.consumer("q", "g"))
+    c2 = b2.consumer("q", "g")
+    got = c2.receive_batch(10, timeout=0)
     assert [(m.offset, m.attempt) for m in got] == [(1, 2), (3, 2), (5, 1)]
     assert _bodies(got) == [b"1", b"3", b"5"]
+    c2.ack_batch(got)
+    assert c2.receive(timeout=0) is None
     # and another group that never consumed still gets everything
     assert len(_drain(b2.consumer("q", "fresh"))) == 6
     b2.close()
 
     b3 = stores.open()
     assert b3.consumer("q", "g").receive(timeout=0) is None  # every ack survived
+
+
+def test_reopen_then_one_by_one_never_redelivers_acked(stores: Stores) -> None:
+    b1 = stores.open()
+    b1.create_queue("q", "at-least-once")
+    b1.producer().send_batch("q", [b"0", b"1", b"2"])
+    held = b1.consumer("q", "g").receive_batch(3, timeout=0)
+    held[1].ack()  # 0 and 2 stay unacked
+    b1.close()
+
+    b2 = stores.open()
+    c = b2.consumer("q", "g")
+    got = _drain(c)  # receive one, ack it, receive the next...
+    assert [(m.offset, m.attempt) for m in got] == [(0, 2), (2, 2)]
 
 
 def test_receipt_from_before_a_restart_is_refused(stores: Stores) -> None:
@@ -555,9 +589,45 @@ def test_receipt_from_before_a_restart_is_refused(stores: Stores) -> None:
     assert msg is not None
     b1.close()
     b2 = stores.open()
+    with pytest.raises(ClosedError):
+        msg.ack()  # through the closed broker: refused, not silently lost
+    assert msg.lease_lost
     again = b2.consumer("q", "g").receive(timeout=0)
-    assert again is not None and again.attempt == 2
+    assert again is not None
+    assert again.attempt == 2
     again.ack()
+
+
+def test_retry_state_survives_reopen(stores: Stores, clock: FakeClock) -> None:
+    b1 = stores.open()
+    b1.create_queue("q", "at-least-once", max_deliveries=3)
+    b1.producer().send_batch(
+        "q", [arrival.Envelope(b"a1", key="a"), arrival.Envelope(b"a2", key="a")]
+    )
+    msg = b1.consumer("q", "g").receive(timeout=0)
+    assert msg is not None
+    assert msg.body == b"a1"
+    msg.nack(delay=100, error="first")
+    b1.close()
+
+    b2 = stores.open()
+    c = b2.consumer("q", "g")
+    assert c.receive(timeout=0) is None  # the delay survived, and a2 waits behind a1
+    clock.advance(101.0)
+    again = c.receive(timeout=0)
+    assert again is not None
+    assert (again.body, again.attempt) == (b"a1", 2)
+    again.nack(delay=0, error="second")
+    third = c.receive(timeout=0)
+    assert third is not None
+    assert third.attempt == 3
+    third.nack(delay=0, error="third")  # the third failure in all: dead-lettered
+    (d,) = b2.dead_letters("q").list()
+    assert (d.body, d.attempts, d.last_error) == (b"a1", 3, "third")
+    assert d.first_failure == clock.now() - 101.0  # the failure from before the reopen
+    nxt = c.receive(timeout=0)
+    assert nxt is not None
+    assert (nxt.body, nxt.attempt) == (b"a2", 1)
 
 
 def test_crash_after_sends_returned_loses_nothing(stores: Stores) -> None:
@@ -624,4 +694,4 @@ def test_stats_counters(broker: arrival.Broker, clock: FakeClock) -> None:
     c.ack_batch(again)
     g = _group(broker, "q", "g")
     assert (g.backlog, g.in_flight, g.acked, g.waiting_retry) == (0, 0, 4, 0)
-    assert broker.stats("q.dlq").end_offset == 1
+    assert [d.body for d in broker.dead_letters("q").list()] == [b"2"]

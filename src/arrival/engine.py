@@ -632,7 +632,7 @@ class Engine:
             s = m.group.state
             if s is not None and s.release_consumer(member_id):
                 self._dirty.add((m.queue, m.group))
-                self._notify()
+            self._notify()  # wakes this member's own blocked receive, and others
 
     def poll(self, member_id: int, limit: int) -> tuple[list[Delivery], int, float | None]:
         """Take up to ``limit`` deliveries without waiting.

@@ -216,7 +216,9 @@ class GroupState:
                 key = batch_keys[i]
                 i += 1
                 if off < self._restore_end:
-                    if off in self.settled:
+                    # settled before the restart: below the floor (which may have moved
+                    # past the cursor since) or in the settled set
+                    if off < self.floor or off in self.settled:
                         continue
                     e_or_none = self._restored.pop(off, None)
                     if e_or_none is not None:
