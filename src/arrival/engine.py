@@ -436,8 +436,8 @@ class Engine:
     def _add_queue(self, spec: QueueSpec, *, dlq: bool) -> None:
         q = _Queue(spec)
         self._queues[spec.name] = q
-        if spec.guarantee.durable:
-            self._pending_specs[spec.name] = encode_spec(spec)
+        # every spec persists; an at-most-once queue's messages do not
+        self._pending_specs[spec.name] = encode_spec(spec)
         if dlq:
             self._add_group(q, DLQ_GROUP, latest=False)
 
