@@ -36,6 +36,7 @@ from arrival._codec import RecordTuple, decode_batch, encode_batch
 from arrival.errors import (
     ArrivalError,
     ClosedError,
+    CorruptData,
     InvalidQueueSpec,
     LeaseExpired,
     MessageTooLarge,
@@ -328,6 +329,8 @@ class Engine:
                 q.counts.append(count)
             q.low = int(meta.get(f"low:{name}", b"0"))
             q.end = q.visible = max(q.low, q.firsts[-1] + q.counts[-1] if q.firsts else 0)
+            if q.firsts:
+                self._batch_at(q, q.end - 1)  # the newest batch fixes the end: check it now
             self._queues[name] = q
         for (qname, gname), records in groups.items():
             gq = self._queues.get(qname)
@@ -384,8 +387,13 @@ class Engine:
         first = q.firsts[i]
         b = q.cache.get(first)
         if b is None:
-            data = self.storage.read(q.name, first)
-            b = _Batch(first, decode_batch(data, f"batch {first} of queue {q.name!r}"))
+            where = f"batch {first} of queue {q.name!r}"
+            records = decode_batch(self.storage.read(q.name, first), where)
+            if len(records) != q.counts[i]:
+                raise CorruptData(
+                    f"{where} holds {len(records)} messages where the index says {q.counts[i]}"
+                )
+            b = _Batch(first, records)
             self._cache(q, b)
         return b
 

@@ -16,6 +16,10 @@ from arrival.storage.base import Loaded, WriteSet
 __all__ = ["MemoryStorage"]
 
 
+def _crc(data: bytes, *header: object) -> int:
+    return zlib.crc32(data, zlib.crc32("\x1f".join(map(str, header)).encode()))
+
+
 class MemoryStorage:
     def __init__(self) -> None:
         self._meta: dict[str, bytes] = {}
@@ -34,6 +38,10 @@ class MemoryStorage:
     def description(self) -> dict[str, str]:
         return {"storage": "memory (lost when the process exits)", "fsync": "none (memory)"}
 
+    def _check_open(self) -> None:
+        if not self._open:
+            raise StorageError(f"{self!r} is closed")
+
     def load(self) -> Loaded:
         if self._open:
             raise StorageError("this MemoryStorage is already open by another engine")
@@ -44,11 +52,13 @@ class MemoryStorage:
             batches={
                 q: [(first, v[0]) for first, v in sorted(b.items())]
                 for q, b in self._batches.items()
+                if b
             },
             groups={k: list(v) for k, v in self._groups.items()},
         )
 
     def commit(self, ws: WriteSet) -> None:
+        self._check_open()
         self.commits += 1
         self.syncs += ws.sync
         self._meta.update(ws.meta)
@@ -61,7 +71,11 @@ class MemoryStorage:
             else:
                 self._specs[name] = spec
         for queue, first, count, data in ws.batches:
-            self._batches.setdefault(queue, {})[first] = (count, zlib.crc32(data), data)
+            self._batches.setdefault(queue, {})[first] = (
+                count,
+                _crc(data, queue, first, count),
+                data,
+            )
         for r in ws.groups:
             recs = self._groups.setdefault((r.queue, r.group), [])
             if r.snapshot:
@@ -73,11 +87,12 @@ class MemoryStorage:
                 del b[first]
 
     def read(self, queue: str, first: int) -> bytes:
+        self._check_open()
         try:
-            _count, crc, data = self._batches[queue][first]
+            count, crc, data = self._batches[queue][first]
         except KeyError:
             raise StorageError(f"no batch at offset {first} of queue {queue!r}") from None
-        if zlib.crc32(data) != crc:
+        if _crc(data, queue, first, count) != crc:
             raise CorruptData(f"batch at offset {first} of queue {queue!r} fails its checksum")
         return data
 

@@ -37,7 +37,7 @@ LOCK_NAME = "LOCK"
 FORMAT_VERSION = b"1"
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, crc INTEGER NOT NULL, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS queues (name TEXT PRIMARY KEY, crc INTEGER NOT NULL,
     spec BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS batches (id INTEGER PRIMARY KEY, queue TEXT NOT NULL,
@@ -48,6 +48,20 @@ CREATE TABLE IF NOT EXISTS groups (id INTEGER PRIMARY KEY, queue TEXT NOT NULL,
     crc INTEGER NOT NULL, data BLOB NOT NULL);
 CREATE UNIQUE INDEX IF NOT EXISTS groups_by_seq ON groups (queue, grp, seq);
 """
+FORMAT_KEY = "arrival.format"  # the store's own; never shown to or written by the caller
+
+
+def _crc(data: bytes, *header: object) -> int:
+    """CRC32 over a row's identifying columns and its blob, so neither can change alone."""
+    return zlib.crc32(data, zlib.crc32("\x1f".join(map(str, header)).encode()))
+
+
+def _blob(value: object, what: str) -> bytes:
+    if not isinstance(value, bytes):
+        raise CorruptData(
+            f"{what} is stored as {type(value).__name__}, not bytes: the store is damaged"
+        )
+    return value
 
 
 def _fsync_dir(path: Path) -> None:
@@ -89,7 +103,13 @@ class SqliteStorage:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StorageError(f"can't create data directory {str(self.path)!r}: {exc}") from exc
-        fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StorageError(
+                f"can't open the lock file of data directory {str(self.path)!r}: {exc}; check "
+                f"that the directory is writable by this user and holds no directory named LOCK"
+            ) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -107,14 +127,19 @@ class SqliteStorage:
         db = sqlite3.connect(
             self.path / DB_NAME, isolation_level=None, check_same_thread=False, timeout=30.0
         )
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+        except BaseException:
+            db.close()
+            raise
         return db
 
     def load(self) -> Loaded:
         if self._db is not None:
             raise StorageError(f"{self!r} is already open")
         self._take_lock()
+        db: sqlite3.Connection | None = None
         try:
             fresh = not (self.path / DB_NAME).exists()
             db = self._connect()
@@ -122,31 +147,56 @@ class SqliteStorage:
             self._db = db
             self._reader = self._connect()
             if fresh:
-                db.execute("INSERT INTO meta VALUES ('format', ?)", (FORMAT_VERSION,))
+                db.execute(
+                    "INSERT INTO meta VALUES (?, ?, ?)",
+                    (FORMAT_KEY, _crc(FORMAT_VERSION, FORMAT_KEY), FORMAT_VERSION),
+                )
                 _fsync_dir(self.path)
             return self._load(db)
+        except sqlite3.OperationalError as exc:
+            self._abort_open(db)
+            if "unable to open" in str(exc):
+                raise StorageError(
+                    f"can't open {str(self.path / DB_NAME)!r}: {exc}; check that this user "
+                    f"may read and write the data directory"
+                ) from exc
+            raise self._damaged(exc) from exc
         except sqlite3.DatabaseError as exc:
-            self.close()
-            raise CorruptData(
-                f"can't open {str(self.path / DB_NAME)!r}: {exc}. The file is damaged or not "
-                f"an arrival data directory; restore it from a backup or move it aside"
-            ) from exc
+            self._abort_open(db)
+            raise self._damaged(exc) from exc
         except BaseException:
-            self.close()
+            self._abort_open(db)
             raise
 
+    def _damaged(self, exc: Exception) -> CorruptData:
+        return CorruptData(
+            f"can't open {str(self.path / DB_NAME)!r}: {exc}. The file is damaged or not "
+            f"an arrival data directory; restore it from a backup or move it aside"
+        )
+
+    def _abort_open(self, db: sqlite3.Connection | None) -> None:
+        if db is not None and db is not self._db:
+            with contextlib.suppress(sqlite3.Error):
+                db.close()
+        self.close()
+
     def _load(self, db: sqlite3.Connection) -> Loaded:
-        meta = {k: bytes(v) for k, v in db.execute("SELECT key, value FROM meta")}
-        if meta.get("format", FORMAT_VERSION) != FORMAT_VERSION:
+        meta: dict[str, bytes] = {}
+        for key, crc, value in db.execute("SELECT key, crc, value FROM meta"):
+            if _crc(_blob(value, f"meta {key!r}"), key) != crc:
+                raise CorruptData(f"meta value {key!r} fails its checksum: the store is damaged")
+            meta[key] = value
+        version = meta.pop(FORMAT_KEY, None)
+        if version != FORMAT_VERSION:
             raise StorageError(
-                f"data directory {str(self.path)!r} has format {meta['format']!r}; this "
+                f"data directory {str(self.path)!r} has format {version!r}; this "
                 f"arrival reads format {FORMAT_VERSION!r}"
             )
         specs: dict[str, bytes] = {}
         for name, crc, spec in db.execute("SELECT name, crc, spec FROM queues"):
-            if zlib.crc32(spec) != crc:
+            if _crc(_blob(spec, f"the spec of queue {name!r}"), name) != crc:
                 raise CorruptData(f"the spec of queue {name!r} fails its checksum")
-            specs[name] = bytes(spec)
+            specs[name] = spec
         batches: dict[str, list[tuple[int, int]]] = {}
         for queue, first, count in db.execute(
             "SELECT queue, first, count FROM batches ORDER BY queue, first"
@@ -156,11 +206,10 @@ class SqliteStorage:
         for queue, grp, seq, snap, crc, data in db.execute(
             "SELECT queue, grp, seq, snapshot, crc, data FROM groups ORDER BY queue, grp, seq"
         ):
-            if zlib.crc32(data) != crc:
-                raise CorruptData(
-                    f"record {seq} of group {grp!r} on queue {queue!r} fails its checksum"
-                )
-            groups.setdefault((queue, grp), []).append((seq, bool(snap), bytes(data)))
+            what = f"record {seq} of group {grp!r} on queue {queue!r}"
+            if _crc(_blob(data, what), queue, grp, seq, snap) != crc:
+                raise CorruptData(f"{what} fails its checksum: the store is damaged")
+            groups.setdefault((queue, grp), []).append((seq, bool(snap), data))
         return Loaded(meta=meta, specs=specs, batches=batches, groups=groups)
 
     def close(self) -> None:
@@ -198,7 +247,12 @@ class SqliteStorage:
     @staticmethod
     def _write(db: sqlite3.Connection, ws: WriteSet) -> None:
         if ws.meta:
-            db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", ws.meta.items())
+            if FORMAT_KEY in ws.meta:
+                raise StorageError(f"meta key {FORMAT_KEY!r} belongs to the store")
+            db.executemany(
+                "INSERT OR REPLACE INTO meta VALUES (?, ?, ?)",
+                [(k, _crc(v, k), v) for k, v in ws.meta.items()],
+            )
         for name, spec in ws.specs.items():
             if spec is None:
                 db.execute("DELETE FROM queues WHERE name = ?", (name,))
@@ -206,21 +260,28 @@ class SqliteStorage:
                 db.execute("DELETE FROM groups WHERE queue = ?", (name,))
             else:
                 db.execute(
-                    "INSERT OR REPLACE INTO queues VALUES (?, ?, ?)",
-                    (name, zlib.crc32(spec), spec),
+                    "INSERT OR REPLACE INTO queues VALUES (?, ?, ?)", (name, _crc(spec, name), spec)
                 )
         if ws.batches:
             db.executemany(
                 "INSERT INTO batches (queue, first, count, crc, data) VALUES (?, ?, ?, ?, ?)",
-                [(q, first, n, zlib.crc32(data), data) for q, first, n, data in ws.batches],
+                [(q, first, n, _crc(data, q, first, n), data) for q, first, n, data in ws.batches],
             )
         for r in ws.groups:
             if r.snapshot:
                 db.execute("DELETE FROM groups WHERE queue = ? AND grp = ?", (r.queue, r.group))
+            snap = int(r.snapshot)
             db.execute(
                 "INSERT INTO groups (queue, grp, seq, snapshot, crc, data) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
-                (r.queue, r.group, r.seq, r.snapshot, zlib.crc32(r.data), r.data),
+                (
+                    r.queue,
+                    r.group,
+                    r.seq,
+                    snap,
+                    _crc(r.data, r.queue, r.group, r.seq, snap),
+                    r.data,
+                ),
             )
         for queue, below in ws.trims.items():
             db.execute("DELETE FROM batches WHERE queue = ? AND first + count <= ?", (queue, below))
@@ -232,16 +293,16 @@ class SqliteStorage:
         with self._read_lock:
             try:
                 row = reader.execute(
-                    "SELECT crc, data FROM batches WHERE queue = ? AND first = ?", (queue, first)
+                    "SELECT count, crc, data FROM batches WHERE queue = ? AND first = ?",
+                    (queue, first),
                 ).fetchone()
             except sqlite3.Error as exc:
                 raise StorageError(f"read from {str(self.path)!r} failed: {exc}") from exc
         if row is None:
             raise StorageError(f"no batch at offset {first} of queue {queue!r}")
-        crc, data = row
-        if zlib.crc32(data) != crc:
-            raise CorruptData(
-                f"batch at offset {first} of queue {queue!r} in {str(self.path)!r} fails its "
-                f"checksum: the disk returned damaged data"
-            )
-        return bytes(data)
+        count, crc, data = row
+        data = _blob(data, f"batch at offset {first} of queue {queue!r}")
+        where = f"batch at offset {first} of queue {queue!r} in {str(self.path)!r}"
+        if _crc(data, queue, first, count) != crc:
+            raise CorruptData(f"{where} fails its checksum: the disk returned damaged data")
+        return data
