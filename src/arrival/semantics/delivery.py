@@ -198,7 +198,9 @@ class GroupState:
         ready = self.ready
         while ready and len(out) < limit:
             off = ready.popleft()
-            e = entries[off]
+            e = entries.get(off)
+            if e is None or e.leased:
+                continue  # settled (settle_unleased) or already leased since
             out.append(self._lease(off, e, deadline, consumer))
             self.n_redelivered += e.deliveries > 1
         keys = self.keys
@@ -362,7 +364,15 @@ class GroupState:
         e = self.entries.get(off)
         if e is not None and e.leased:
             raise AlreadySettled(self.queue, off, e.deliveries)
-        self._settle(off, e)
+        if e is not None and e.key is not None and self.keys[e.key][0] != off:
+            # blocked behind its key's head: take it out of the line
+            self.keys[e.key].remove(off)
+            del self.entries[off]
+            self._ev_failed.pop(off, None)
+            e = None
+        self._settle(off, e)  # ready or delayed copies are skipped when they come up
+        if off >= self.cursor:
+            self._restore_end = max(self._restore_end, off + 1)  # the scan checks `settled`
         return True
 
     def extend(self, off: int, attempt: int, now: float, seconds: float | None) -> float:

@@ -24,6 +24,8 @@ def backoff_delay(failures: int, policy: Backoff, rng: random.Random) -> float:
     """Delay in seconds before the redelivery that follows the ``failures``-th failure."""
     if failures < 1:
         return 0.0
+    if policy.initial_s <= 0:
+        return 0.0
     exponent = min(failures - 1, 1024)  # avoid float overflow on absurd counts
     try:
         base = policy.initial_s * policy.multiplier**exponent

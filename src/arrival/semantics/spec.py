@@ -10,6 +10,7 @@ Invariants enforced here, for every declared queue:
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import fields
 from typing import Any, Final
@@ -47,7 +48,7 @@ class _Unset:
 UNSET: Final[Any] = _Unset()
 """Marks an option the caller did not pass, so defaults can differ per guarantee."""
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,199}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,199}")
 MAX_ACK_TIMEOUT_S = 12 * 3600.0  # a lease longer than this is a stuck consumer, not a slow one
 MAX_MESSAGE_BYTES_LIMIT = 64 << 20
 
@@ -56,7 +57,7 @@ _OVERFLOW_OPTIONS = ("capacity", "drop", "conflate")
 
 
 def validate_queue_name(name: object) -> str:
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise InvalidQueueSpec(
             str(name),
             "a queue name is 1-200 characters of letters, digits, '.', '_', ':' and '-', "
@@ -147,6 +148,9 @@ def _check_ranges(s: QueueSpec) -> None:
         if s.dead_letter == s.name:
             raise bad("a queue cannot be its own dead-letter queue")
     b = s.backoff
+    numbers = (b.initial_s, b.multiplier, b.max_s, b.jitter, s.retention, s.ack_timeout)
+    if not all(isinstance(x, (int, float)) and math.isfinite(x) for x in numbers):
+        raise bad(f"numbers must be finite: ack_timeout, retention and backoff {b}")
     if b.initial_s < 0 or b.multiplier < 1 or b.max_s < b.initial_s or not 0 <= b.jitter <= 1:
         raise bad(
             "backoff needs initial_s >= 0, multiplier >= 1, max_s >= initial_s and "
@@ -154,6 +158,8 @@ def _check_ranges(s: QueueSpec) -> None:
         )
     if s.retention < 0:
         raise bad(f"retention must be >= 0 seconds, not {s.retention}")
+    if s.guarantee is Guarantee.AT_MOST_ONCE and s.capacity is None:
+        raise bad("an at-most-once queue is bounded: capacity must be an int >= 1 messages")
     if s.capacity is not None and (not isinstance(s.capacity, int) or s.capacity < 1):
         raise bad(f"capacity must be an int >= 1 messages, not {s.capacity!r}")
     if not isinstance(s.max_message_bytes, int) or not (
