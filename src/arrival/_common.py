@@ -20,7 +20,7 @@ from arrival.semantics.spec import UNSET, resolve_spec
 from arrival.storage.base import Storage
 from arrival.storage.memory import MemoryStorage
 
-__all__ = ["Envelope", "MessageBase", "open_engine", "to_send"]
+__all__ = ["Envelope", "MessageBase", "MessageContext", "open_engine", "to_send"]
 
 DEFAULT_URL = "./data"
 
@@ -110,41 +110,52 @@ def batch_to_send(items: object) -> list[Send]:
     return out
 
 
+class MessageContext:
+    """What every message from one consumer shares: one object, not five fields each."""
+
+    __slots__ = ("engine", "epoch", "group", "member", "queue")
+
+    def __init__(self, engine: Engine, member: int, queue: str, group: str) -> None:
+        self.engine = engine
+        self.member = member
+        self.epoch = engine.epoch
+        self.queue = queue
+        self.group = group
+
+
 class MessageBase:
     """A delivered message: its content, its attempt and the lease it is held under."""
 
-    __slots__ = (
-        "_engine",
-        "_epoch",
-        "_member",
-        "_rec",
-        "attempt",
-        "group",
-        "lease_deadline",
-        "offset",
-        "queue",
-    )
+    __slots__ = ("_ctx", "_rec", "attempt", "lease_deadline", "offset")
 
     def __init__(
-        self,
-        engine: Engine,
-        member: int,
-        queue: str,
-        group: str,
-        offset: int,
-        attempt: int,
-        deadline: float,
-        rec: RecordTuple,
+        self, ctx: MessageContext, offset: int, attempt: int, deadline: float, rec: RecordTuple
     ) -> None:
-        self._engine = engine
-        self._member = member
-        self._epoch = engine.epoch
+        self._ctx = ctx
         self._rec = rec
-        self.queue = queue
-        self.group = group
         self.offset = offset
         self.attempt = attempt  # 1 on first delivery
         self.lease_deadline = deadline  # engine clock; 0 when there is no lease (at-most-once)
+
+    @property
+    def queue(self) -> str:
+        return self._ctx.queue
+
+    @property
+    def group(self) -> str:
+        return self._ctx.group
+
+    @property
+    def _engine(self) -> Engine:
+        return self._ctx.engine
+
+    @property
+    def _member(self) -> int:
+        return self._ctx.member
+
+    @property
+    def _epoch(self) -> int:
+        return self._ctx.epoch
 
     def __repr__(self) -> str:
         return (

@@ -12,7 +12,14 @@ from types import TracebackType
 from typing import Any
 
 from arrival._clock import Clock
-from arrival._common import MessageBase, batch_to_send, open_engine, queue_spec, to_send
+from arrival._common import (
+    MessageBase,
+    MessageContext,
+    batch_to_send,
+    open_engine,
+    queue_spec,
+    to_send,
+)
 from arrival.engine import DeadMessage, Engine
 from arrival.errors import ClosedError, UsageError
 from arrival.model import (
@@ -243,6 +250,7 @@ class Consumer:
         self.group = group
         self._prefetch = max(1, prefetch)
         self._member = engine.join(queue, group, latest=start == "latest")
+        self._ctx = MessageContext(engine, self._member, queue, group)
         self._closed = False
         self._lock = threading.Lock()
 
@@ -277,8 +285,8 @@ class Consumer:
                 raise ClosedError("the consumer")
             got, version, due = engine.poll(self._member, max_messages)
             if got:
-                q, g, m = self.queue, self.group, self._member
-                return [Message(engine, m, q, g, off, att, dl, rec) for off, att, dl, rec in got]
+                ctx = self._ctx
+                return [Message(ctx, off, att, dl, rec) for off, att, dl, rec in got]
             wait = None if end is None else end - time.monotonic()
             if wait is not None and wait <= 0:
                 return []
