@@ -110,6 +110,12 @@ def resolve_spec(name: str, guarantee: str | Guarantee, **options: Any) -> Queue
         budget = given.get("max_deliveries", DEFAULT_MAX_DELIVERIES)
         if "dead_letter" not in given:
             given["dead_letter"] = f"{name}.dlq"
+            if not _NAME.fullmatch(given["dead_letter"]):
+                raise InvalidQueueSpec(
+                    name,
+                    f"the default dead-letter queue name {name + '.dlq'!r} is longer than "
+                    f"200 characters; pass dead_letter='...' explicitly",
+                )
         elif given["dead_letter"] is None and budget is not None:
             raise InvalidQueueSpec(
                 name,
@@ -131,26 +137,39 @@ def resolve_spec(name: str, guarantee: str | Guarantee, **options: Any) -> Queue
     return spec
 
 
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def _check_ranges(s: QueueSpec) -> None:
     def bad(problem: str) -> InvalidQueueSpec:
         return InvalidQueueSpec(s.name, problem)
 
+    b = s.backoff
+    for what, x, unit in (
+        ("ack_timeout", s.ack_timeout, " of seconds"),
+        ("retention", s.retention, " of seconds"),
+        ("backoff.initial_s", b.initial_s, " of seconds"),
+        ("backoff.multiplier", b.multiplier, ""),
+        ("backoff.max_s", b.max_s, " of seconds"),
+        ("backoff.jitter", b.jitter, " (a fraction)"),
+    ):
+        if not _is_number(x):
+            raise bad(f"{what} must be a finite number{unit}, not {x!r}")
     if not 0 < s.ack_timeout <= MAX_ACK_TIMEOUT_S:
         raise bad(
             f"ack_timeout must be in (0, {MAX_ACK_TIMEOUT_S:.0f}] seconds, not {s.ack_timeout}"
         )
-    if s.max_deliveries is not None and (
-        not isinstance(s.max_deliveries, int) or s.max_deliveries < 1
-    ):
+    if s.max_deliveries is not None and (not _is_int(s.max_deliveries) or s.max_deliveries < 1):
         raise bad(f"max_deliveries must be an int >= 1 or None, not {s.max_deliveries!r}")
     if s.dead_letter is not None:
         validate_queue_name(s.dead_letter)
         if s.dead_letter == s.name:
             raise bad("a queue cannot be its own dead-letter queue")
-    b = s.backoff
-    numbers = (b.initial_s, b.multiplier, b.max_s, b.jitter, s.retention, s.ack_timeout)
-    if not all(isinstance(x, (int, float)) and math.isfinite(x) for x in numbers):
-        raise bad(f"numbers must be finite: ack_timeout, retention and backoff {b}")
     if b.initial_s < 0 or b.multiplier < 1 or b.max_s < b.initial_s or not 0 <= b.jitter <= 1:
         raise bad(
             "backoff needs initial_s >= 0, multiplier >= 1, max_s >= initial_s and "
@@ -160,9 +179,11 @@ def _check_ranges(s: QueueSpec) -> None:
         raise bad(f"retention must be >= 0 seconds, not {s.retention}")
     if s.guarantee is Guarantee.AT_MOST_ONCE and s.capacity is None:
         raise bad("an at-most-once queue is bounded: capacity must be an int >= 1 messages")
-    if s.capacity is not None and (not isinstance(s.capacity, int) or s.capacity < 1):
+    if s.capacity is not None and (not _is_int(s.capacity) or s.capacity < 1):
         raise bad(f"capacity must be an int >= 1 messages, not {s.capacity!r}")
-    if not isinstance(s.max_message_bytes, int) or not (
+    if not isinstance(s.conflate, bool):
+        raise bad(f"conflate must be True or False, not {s.conflate!r}")
+    if not _is_int(s.max_message_bytes) or not (
         1 <= s.max_message_bytes <= MAX_MESSAGE_BYTES_LIMIT
     ):
         raise bad(
