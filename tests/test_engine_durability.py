@@ -1,0 +1,148 @@
+"""The engine's durability rules, checked with stores that stall or fail on command.
+
+1. Nothing is acknowledged, or visible to a consumer, before its commit returned.
+2. Concurrent sends share commits (group commit).
+3. A failed commit fails the sends it held, and the broker refuses further work.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+import arrival
+from arrival.errors import ClosedError, StorageError
+from arrival.storage.base import WriteSet
+from arrival.storage.memory import MemoryStorage
+
+WAIT_S = 5.0
+
+
+class GatedStorage(MemoryStorage):
+    """A memory store whose commits holding batches wait until the test opens the gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.gate.set()
+        self.waiting = threading.Event()
+
+    def commit(self, ws: WriteSet) -> None:
+        if ws.batches and not self.gate.is_set():
+            self.waiting.set()
+            assert self.gate.wait(WAIT_S), "the test never opened the gate"
+        super().commit(ws)
+
+
+class SlowStorage(MemoryStorage):
+    """Every durable commit takes ``delay_s``, like a slow fsync."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__()
+        self.delay_s = delay_s
+        self.batches_per_commit: list[int] = []
+
+    def commit(self, ws: WriteSet) -> None:
+        if ws.batches:
+            self.batches_per_commit.append(len(ws.batches))
+            time.sleep(self.delay_s)
+        super().commit(ws)
+
+
+class FailingStorage(MemoryStorage):
+    """Commits fail once ``broken`` is set, as a disk returning EIO on fsync would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.broken = False
+
+    def commit(self, ws: WriteSet) -> None:
+        if self.broken and ws.batches:
+            raise OSError(5, "Input/output error")
+        super().commit(ws)
+
+
+def test_send_returns_and_becomes_visible_only_after_its_commit() -> None:
+    store = GatedStorage()
+    with arrival.connect(store) as broker:
+        broker.create_queue("q", "at-least-once")
+        consumer = broker.consumer("q", "g")
+        store.gate.clear()
+        returned = threading.Event()
+        sender = threading.Thread(
+            target=lambda: (broker.producer().send("q", b"m"), returned.set())
+        )
+        sender.start()
+        assert store.waiting.wait(WAIT_S)
+        # the commit is in progress: the send has not returned, nobody can see the message
+        assert not returned.wait(0.2)
+        assert consumer.receive(timeout=0.1) is None
+        assert broker.peek("q") == []
+        store.gate.set()
+        assert returned.wait(WAIT_S)
+        sender.join(WAIT_S)
+        msg = consumer.receive(timeout=WAIT_S)
+        assert msg is not None
+        assert msg.body == b"m"
+
+
+def test_concurrent_sends_share_commits() -> None:
+    store = SlowStorage(delay_s=0.02)
+    threads, per_thread = 8, 5
+    with arrival.connect(store) as broker:
+        broker.create_queue("q", "at-least-once")
+        before = broker.info().fsyncs
+        barrier = threading.Barrier(threads)
+
+        def send() -> None:
+            p = broker.producer()
+            barrier.wait()
+            for i in range(per_thread):
+                p.send("q", f"{i}".encode())
+
+        workers = [threading.Thread(target=send) for _ in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(WAIT_S * 4)
+        sends = threads * per_thread
+        fsyncs = broker.info().fsyncs - before
+        assert broker.stats("q").end_offset == sends
+        # each thread waits for its send before the next, so commits carry up to 8 sends;
+        # one commit per send would be 40
+        assert fsyncs <= sends // 2, (fsyncs, store.batches_per_commit)
+        assert max(store.batches_per_commit) > 1
+
+
+def test_a_failed_commit_fails_its_sends_and_stops_the_broker() -> None:
+    store = FailingStorage()
+    broker = arrival.connect(store)
+    try:
+        broker.create_queue("q", "at-least-once")
+        producer = broker.producer()
+        assert producer.send("q", b"kept") == 0
+        store.broken = True
+        with pytest.raises(StorageError, match="Input/output error"):
+            producer.send("q", b"lost")
+        # the broker refuses further work, with the cause and what to do
+        with pytest.raises(StorageError, match="storage failure"):
+            producer.send("q", b"after")
+        with pytest.raises(StorageError, match="reopen"):
+            broker.consumer("q", "g")
+    finally:
+        broker.close()
+    # what was acknowledged is there; what failed is not
+    store.broken = False
+    with arrival.connect(store) as again:
+        got = again.consumer("q", "g").receive_batch(10, timeout=0)
+        assert [m.body for m in got] == [b"kept"]
+
+
+def test_send_after_close_raises_closed() -> None:
+    broker = arrival.connect("memory:")
+    broker.create_queue("q", "at-least-once")
+    broker.close()
+    with pytest.raises(ClosedError, match="closed"):
+        broker.producer().send("q", b"x")
