@@ -126,7 +126,7 @@ def bench(
             f"{r['dropped']:,}",
             f"{r['fsyncs']:,}",
         )
-    out.print(table)
+    Console(width=max(out.width, 110)).print(table)  # wide enough to truncate no figure
 
 
 @queues_app.command("list")

@@ -1,0 +1,104 @@
+"""The ``arrival`` command, through its entry point, on temporary data directories."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import arrival
+from arrival.cli.main import app
+
+runner = CliRunner()
+
+
+def run(*args: str) -> str:
+    result = runner.invoke(app, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_demo_shows_redelivery_dead_letter_replay_and_conflation(tmp_path: Path) -> None:
+    out = run("demo", "--data", str(tmp_path / "demo"))
+    assert "order-2 attempt 2: processed, acked (a redelivery)" in out
+    assert "order-4 attempt 3: failed for the 3rd time -> dead-lettered" in out
+    assert "order-4: from orders/billing after 3 attempts" in out
+    assert "order-4 attempt 1 (replays: 1): processed, acked" in out
+    assert "900 updates sent, 3 delivered" in out
+    # the demo's data is real: the queues and the replayed message's settle persist
+    with arrival.connect(tmp_path / "demo") as broker:
+        assert {"orders", "orders.dlq", "positions"} <= set(broker.queues())
+        assert broker.dead_letters("orders").list() == []
+        billing = next(g for g in broker.stats("orders").groups if g.group == "billing")
+        assert billing.backlog == 0
+
+
+def test_bench_json_reports_every_figure() -> None:
+    out = run("bench", "--count", "3000", "--batch", "500", "--runs", "1", "--json")
+    report = json.loads(out)
+    assert report["environment"]["cpus"] >= 1
+    alo = report["results"]["at-least-once"]
+    amo = report["results"]["at-most-once"]
+    assert alo["delivered"] == 3000
+    assert alo["throughput"] > 0
+    assert alo["fsyncs"] >= 1  # durable sends were fsynced
+    assert amo["fsyncs"] == 0  # at-most-once never waits for disk
+    assert amo["delivered"] + amo["dropped"] == 3000
+    for r in (alo, amo):
+        assert 0 <= r["p50_ms"] <= r["p99_ms"] <= r["p999_ms"]
+
+
+def test_bench_table(tmp_path: Path) -> None:
+    out = run("bench", "-g", "at-least-once", "--count", "1000", "--runs", "2")
+    assert "at-least-once" in out
+    assert "msg/s" in out
+
+
+def test_queues_produce_consume_and_dlq(tmp_path: Path) -> None:
+    url = str(tmp_path / "data")
+    out = run(
+        "queues", "create", "orders", "-g", "at-least-once", "--max-deliveries", "1", "--url", url
+    )
+    assert "orders: at-least-once" in out
+    assert "sent at offset 0" in run("produce", "orders", '{"id": 1}', "--key", "k", "--url", url)
+    assert "orders" in run("queues", "list", "--url", url)
+    assert '{"id": 1}' in run("queues", "peek", "orders", "--url", url)
+    inspected = json.loads(run("queues", "inspect", "orders", "--json", "--url", url))
+    assert inspected["guarantee"] == "at-least-once"
+    assert inspected["limits"]["max_deliveries"] == "1"
+
+    # fail the message once: with max_deliveries=1 it is dead-lettered
+    with arrival.connect(url) as broker:
+        msg = broker.consumer("orders", "cli").receive(timeout=1)
+        assert msg is not None
+        msg.nack(error="boom")
+    listed = json.loads(run("dlq", "list", "orders", "--json", "--url", url))
+    assert [(d["origin_group"], d["last_error"]) for d in listed] == [("cli", "boom")]
+    assert "would replay 1" in run("dlq", "replay", "orders", "--dry-run", "--url", url)
+    assert "replayed 1" in run("dlq", "replay", "orders", "--url", url)
+    consumed = run("consume", "orders", "--group", "cli", "--timeout", "0.2", "--url", url)
+    assert "attempt=1" in consumed
+    assert "purged 0" in run("dlq", "purge", "orders", "--url", url)
+
+
+def test_errors_are_one_clear_line_and_exit_2(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "arrival", "produce", "nowhere", "x", "--url", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "queue 'nowhere' does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("guarantee", ["at-most-once", "at-least-once"])
+def test_bench_one_guarantee(guarantee: str) -> None:
+    report = json.loads(run("bench", "-g", guarantee, "--count", "500", "--runs", "1", "--json"))
+    assert list(report["results"]) == [guarantee]
