@@ -359,6 +359,12 @@ class Engine:
 
     # -- helpers ----------------------------------------------------------------------
 
+    def _mark_dirty(self, qg: tuple[_Queue, _Group]) -> None:
+        """Note a group change for the writer, waking it if it sleeps (invariant 4)."""
+        if not self._dirty:
+            self._writer_cv.notify()
+        self._dirty.add(qg)
+
     def _check_open(self) -> None:
         if self._failure is not None:
             raise StorageError(
@@ -626,7 +632,7 @@ class Engine:
             start = q.visible if latest else max(q.low, q.firsts[0] if q.firsts else q.visible)
             g = _Group(name, self._new_state(q, name, start), None)
             g.need_snapshot = True
-            self._dirty.add((q, g))
+            self._mark_dirty((q, g))
         q.groups[name] = g
         return g
 
@@ -639,7 +645,7 @@ class Engine:
             m.closed = True
             s = m.group.state
             if s is not None and s.release_consumer(member_id):
-                self._dirty.add((m.queue, m.group))
+                self._mark_dirty((m.queue, m.group))
             self._notify()  # wakes this member's own blocked receive, and others
 
     def poll(self, member_id: int, limit: int) -> tuple[list[Delivery], int, float | None]:
@@ -675,7 +681,7 @@ class Engine:
             out: list[Delivery] = []
             m.received += len(grants)
             if grants:
-                self._dirty.add((q, g))
+                self._mark_dirty((q, g))
                 b: _Batch | None = None
                 for off, attempt, deadline in grants:
                     if b is None or not b.first <= off < b.first + len(b.records):
@@ -691,7 +697,7 @@ class Engine:
         if due is None or due > now:
             return
         actions = s.expire(now)
-        self._dirty.add((q, g))
+        self._mark_dirty((q, g))
         for a in actions:
             self._dead_letter(q, g, a, now)
         self._notify()
@@ -734,7 +740,7 @@ class Engine:
                 f"when it is handed out, so it cannot be nacked, rejected or extended"
             )
         self._expire(m.queue, m.group, self.clock.now())
-        self._dirty.add((m.queue, m.group))
+        self._mark_dirty((m.queue, m.group))
         return m.queue, m.group, s
 
     def ack(self, member_id: int, epoch: int, receipts: Iterable[tuple[int, int]]) -> None:
@@ -930,7 +936,7 @@ class Engine:
                     h[H_REPLAY_GROUP] = d.origin_group
                 records.append((now, d.id, d.key, h, d.body))
                 s.settle_unleased(d.offset)
-            self._dirty.add((dlq, g))
+            self._mark_dirty((dlq, g))
             return chosen, self._append(origin, records)
 
     def purge_dead_letters(
@@ -948,7 +954,7 @@ class Engine:
                     s.settle_unleased(off)
                     n += 1
             if n:
-                self._dirty.add((dlq, g))
+                self._mark_dirty((dlq, g))
                 ticket = Ticket()
                 self._barriers.append(ticket)
                 self._writer_cv.notify()
