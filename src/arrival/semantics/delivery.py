@@ -205,6 +205,10 @@ class GroupState:
             self.n_redelivered += e.deliveries > 1
         keys = self.keys
         fresh = 0
+        if self.cursor < self.floor:
+            # after a restart, acks can move the floor past the cursor: everything in
+            # between is settled, and its batches may already be deleted
+            self.cursor = self.floor
         ev_delivered = self._ev_delivered.append
         while len(out) < limit:
             chunk = keys_at(self.cursor)
