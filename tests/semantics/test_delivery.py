@@ -1414,3 +1414,33 @@ TestGroupStateInvariants = GroupMachine.TestCase
 TestGroupStateInvariants.settings = _machine_settings
 TestGroupStateInvariantsUnlimited = UnlimitedGroupMachine.TestCase
 TestGroupStateInvariantsUnlimited.settings = _machine_settings
+
+
+def test_a_stuck_key_stops_the_read_ahead_at_max_tracked() -> None:
+    """Memory stays bounded: blocked messages count, and reading ahead resumes on settle."""
+    s = GroupState(
+        "q",
+        "g",
+        0,
+        ack_timeout=30.0,
+        max_deliveries=None,
+        backoff=Backoff(),
+        rng=random.Random(0),
+        max_tracked=4,
+    )
+    log = Log(["hot"] * 6 + [None] * 3)
+    first = s.grant(0.0, 100, 1, log)
+    assert [g[0] for g in first] == [0]  # 0 leased; 1-3 blocked behind it; then the cap
+    assert len(s.entries) == 4
+    assert s.cursor == 4
+    assert s.grant(0.0, 100, 1, log) == []  # still stuck: nothing more is read ahead
+    s.ack(0, 1)
+    assert [g[0] for g in s.grant(0.0, 100, 1, log)] == [1]  # 1 leased, 4 blocked: cap again
+    assert len(s.entries) == 4
+    for off in range(1, 6):
+        s.ack(off, 1)
+        s.grant(0.0, 100, 1, log)
+    assert s.floor >= 6
+    rest = s.grant(0.0, 100, 1, log)
+    assert s.in_flight <= 4
+    assert all(g[0] >= 6 for g in rest)

@@ -18,6 +18,8 @@ Invariants:
 4. A receipt names its offset and attempt; only the current lease's attempt is honoured.
    Attempt numbers grow by one per delivery and survive a restart.
 5. Releases (shutdown, disconnect) never spend the failure budget; nacks and lease expiry do.
+6. At most ``max_tracked`` offsets are tracked (leased, waiting or blocked): memory stays
+   bounded however far a stuck key holds the floor back.
 """
 
 from __future__ import annotations
@@ -50,6 +52,11 @@ Key = str | None | _Skip
 KeysAt = Callable[[int], tuple[int, Sequence[Key]] | None]
 """``keys_at(offset)`` -> ``(base, keys)`` where ``keys[i]`` is the key of offset ``base+i``
 and ``base <= offset < base+len(keys)``; None when ``offset`` is not yet readable."""
+
+MAX_TRACKED = 1_000_000
+"""Unsettled messages a group tracks at most (~200 MB). Messages blocked behind a stuck key
+count too: past this the group stops reading ahead until something settles, so a hot key
+that fails for hours cannot make the broker hold the whole backlog in memory."""
 
 Grant = tuple[int, int, float]
 """A delivery: (offset, attempt, lease deadline)."""
@@ -143,6 +150,7 @@ class GroupState:
         max_deliveries: int | None,
         backoff: Backoff,
         rng: random.Random,
+        max_tracked: int = MAX_TRACKED,
     ) -> None:
         self.queue = queue
         self.group = group
@@ -150,6 +158,7 @@ class GroupState:
         self.max_deliveries = max_deliveries
         self.backoff = backoff
         self.rng = rng
+        self.max_tracked = max_tracked
         self.floor = start
         self.cursor = start
         self.settled: set[int] = set()
@@ -210,6 +219,7 @@ class GroupState:
             # between is settled, and its batches may already be deleted
             self.cursor = self.floor
         ev_delivered = self._ev_delivered.append
+        stalled = False
         while len(out) < limit:
             chunk = keys_at(self.cursor)
             if chunk is None:
@@ -233,6 +243,10 @@ class GroupState:
                 if key is SKIP:
                     self._settle(off, None)
                     continue
+                if len(entries) >= self.max_tracked:
+                    i -= 1  # memory bound reached: stop here until something settles
+                    stalled = True
+                    break
                 e = _Entry(key)  # type: ignore[arg-type]
                 entries[off] = e
                 if key is not None:
@@ -250,6 +264,8 @@ class GroupState:
                 ev_delivered(off)
                 out.append((off, 1, deadline))
             self.cursor = base + i
+            if stalled:
+                break
         self.in_flight += fresh
         self.n_delivered += fresh
         if out:
