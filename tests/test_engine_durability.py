@@ -146,3 +146,24 @@ def test_send_after_close_raises_closed() -> None:
     broker.close()
     with pytest.raises(ClosedError, match="closed"):
         broker.producer().send("q", b"x")
+
+
+def test_the_message_cache_is_bounded_and_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoded batches are cached up to CACHE_MESSAGES, kept count of as they come and go
+    (never re-added up per insert), and re-read from the store when evicted."""
+    from arrival import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "CACHE_MESSAGES", 50)
+    with arrival.connect("memory:") as broker:
+        broker.create_queue("q", "at-least-once")
+        producer = broker.producer()
+        for i in range(40):
+            producer.send_batch("q", [f"{i}-{j}".encode() for j in range(5)])
+        q = broker.engine._queues["q"]
+        assert q.cached == sum(len(b.records) for b in q.cache.values())
+        assert q.cached <= 50
+        # evicted batches come back from the store, in order
+        got = broker.consumer("q", "g").receive_batch(1000, timeout=0)
+        assert [m.body for m in got] == [f"{i}-{j}".encode() for i in range(40) for j in range(5)]
+        assert q.cached == sum(len(b.records) for b in q.cache.values())
+        assert q.cached <= 50

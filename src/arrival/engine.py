@@ -212,6 +212,7 @@ class _Group:
 class _Queue:
     __slots__ = (
         "cache",
+        "cached",
         "counts",
         "end",
         "firsts",
@@ -234,6 +235,7 @@ class _Queue:
         self.firsts: list[int] = []  # first offset of each stored batch, ascending
         self.counts: list[int] = []
         self.cache: OrderedDict[int, _Batch] = OrderedDict()
+        self.cached = 0  # messages in the cache
         self.groups: dict[str, _Group] = {}
         self.sent = 0
         self.floor_times: deque[tuple[int, float]] = deque()  # (min floor, when reached)
@@ -404,12 +406,14 @@ class Engine:
         return b
 
     def _cache(self, q: _Queue, b: _Batch) -> None:
+        old = q.cache.pop(b.first, None)
+        if old is not None:
+            q.cached -= len(old.records)
         q.cache[b.first] = b
-        if len(q.cache) * 64 > CACHE_MESSAGES and len(q.cache) > 2:
-            total = sum(len(x.records) for x in q.cache.values())
-            while total > CACHE_MESSAGES and len(q.cache) > 2:
-                _, old = q.cache.popitem(last=False)
-                total -= len(old.records)
+        q.cached += len(b.records)
+        while q.cached > CACHE_MESSAGES and len(q.cache) > 2:
+            _, old = q.cache.popitem(last=False)
+            q.cached -= len(old.records)
 
     # -- queues -----------------------------------------------------------------------
 
@@ -1010,7 +1014,9 @@ class Engine:
             q.low = below
             n = bisect.bisect_left(q.firsts, below)
             for first in q.firsts[:n]:
-                q.cache.pop(first, None)
+                gone = q.cache.pop(first, None)
+                if gone is not None:
+                    q.cached -= len(gone.records)
             del q.firsts[:n], q.counts[:n]
         return ws, published, tickets
 
