@@ -5,7 +5,6 @@ from __future__ import annotations
 import builtins
 import os
 import random
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import TracebackType
@@ -138,12 +137,10 @@ class Broker:
     def producer(self) -> Producer:
         return Producer(self._engine)
 
-    def consumer(
-        self, queue: str, group: str = "default", *, start: str = "earliest", prefetch: int = 1
-    ) -> Consumer:
+    def consumer(self, queue: str, group: str = "default", *, start: str = "earliest") -> Consumer:
         """Join consumer ``group`` of ``queue``. A new group starts at the oldest retained
         message (``start="latest"``: only messages sent from now on)."""
-        return Consumer(self._engine, queue, group, start, prefetch)
+        return Consumer(self._engine, queue, group, start)
 
     def dead_letters(self, queue: str) -> DeadLetters:
         """The dead-letter queue of ``queue``: list, replay and purge."""
@@ -240,19 +237,15 @@ class Consumer:
     """A member of a consumer group. ``receive()`` one message, ``receive_batch()`` many,
     or iterate. Closing releases held messages without spending their attempts."""
 
-    def __init__(
-        self, engine: Engine, queue: str, group: str, start: str, prefetch: int = 1
-    ) -> None:
+    def __init__(self, engine: Engine, queue: str, group: str, start: str) -> None:
         if start not in ("earliest", "latest"):
             raise UsageError(f"start must be 'earliest' or 'latest', not {start!r}")
         self._engine = engine
         self.queue = queue
         self.group = group
-        self._prefetch = max(1, prefetch)
         self._member = engine.join(queue, group, latest=start == "latest")
         self._ctx = MessageContext(engine, self._member, queue, group)
         self._closed = False
-        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
