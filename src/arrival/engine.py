@@ -445,9 +445,7 @@ class Engine:
                     # an existing queue becomes a dead-letter queue from now on
                     self._add_group(dl, DLQ_GROUP, latest=True)
             self._add_queue(spec, dlq=False)
-            ticket = Ticket()
-            self._barriers.append(ticket)
-            self._writer_cv.notify()
+            ticket = self._barrier()
         ticket.wait()
         return spec
 
@@ -959,9 +957,7 @@ class Engine:
                     n += 1
             if n:
                 self._mark_dirty((dlq, g))
-                ticket = Ticket()
-                self._barriers.append(ticket)
-                self._writer_cv.notify()
+                ticket = self._barrier()
         if n:
             ticket.wait()
         return n
@@ -970,10 +966,14 @@ class Engine:
         """A Ticket that completes once everything done so far is committed (synced)."""
         with self._lock:
             self._check_open()
-            ticket = Ticket()
-            self._barriers.append(ticket)
-            self._writer_cv.notify()
-            return ticket
+            return self._barrier()
+
+    def _barrier(self) -> Ticket:
+        """A Ticket for the next commit, which will be synced; the caller holds the lock."""
+        ticket = Ticket()
+        self._barriers.append(ticket)
+        self._writer_cv.notify()
+        return ticket
 
     # -- the writer -------------------------------------------------------------------
 
