@@ -346,3 +346,19 @@ def test_close_wakes_a_waiting_receive(stores: Stores, clock: FakeClock) -> None
         assert exc is None or isinstance(exc, ClosedError)
 
     with_broker(stores, clock, body)
+
+
+def test_a_closed_event_loop_does_not_break_the_engine(broker: arrival.Broker) -> None:
+    """A send completing after the loop that awaited it closed must not raise in the
+    writer thread, nor stop other users of the broker."""
+    import asyncio as _asyncio
+
+    from arrival.aio import _call_soon
+
+    loop = _asyncio.new_event_loop()
+    fut: _asyncio.Future[None] = loop.create_future()
+    loop.close()
+    _call_soon(loop, fut)  # would raise RuntimeError("Event loop is closed")
+    assert not fut.done()
+    broker.create_queue("q", "at-least-once")
+    assert broker.producer().send("q", b"still fine") == 0

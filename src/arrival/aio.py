@@ -8,6 +8,7 @@ No thread runs an event loop, and no call blocks the loop for longer than a lock
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import builtins
 import os
 import random
@@ -63,11 +64,17 @@ async def _committed(ticket: Ticket) -> int:
         fut: asyncio.Future[None] = loop.create_future()
 
         def done() -> None:
-            loop.call_soon_threadsafe(_resolve, fut)
+            _call_soon(loop, fut)
 
         ticket.add_done_callback(done)
         await fut
     return ticket.outcome()
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fut: asyncio.Future[None]) -> None:
+    """Wake ``fut`` from any thread; a loop that has closed meanwhile has no one to wake."""
+    with contextlib.suppress(RuntimeError):  # closed: the awaiting task is gone with it
+        loop.call_soon_threadsafe(_resolve, fut)
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:
@@ -280,7 +287,7 @@ class Consumer:
             fut: asyncio.Future[None] = loop.create_future()
 
             def wake(fut: asyncio.Future[None] = fut) -> None:
-                loop.call_soon_threadsafe(_resolve, fut)
+                _call_soon(loop, fut)
 
             unwatch = engine.watch(wake)
             try:
