@@ -8,8 +8,8 @@ No thread runs an event loop, and no call blocks the loop for longer than a lock
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import builtins
+import contextlib
 import os
 import random
 import time
