@@ -72,6 +72,7 @@ __all__ = ["DeadMessage", "Delivery", "Engine", "Ticket"]
 DLQ_GROUP = "~dlq"  # the group through which a dead-letter queue is listed, replayed, purged
 SNAPSHOT_EVERY = 256  # group deltas between snapshots: bounds recovery time and row count
 CACHE_MESSAGES = 262_144  # decoded messages kept in memory; older batches are re-read
+FLOOR_TICK_S = 1.0  # retention is kept to this precision; bounds floor_times to one per s
 HOUSEKEEPING_S = 0.25  # how often the writer expires leases and trims when idle
 
 # provenance headers of dead-lettered messages
@@ -1027,7 +1028,8 @@ class Engine:
             if not q.groups or q.lossy is not None or len(q.firsts) < 2:
                 continue
             floor = min(g.state.floor for g in q.groups.values() if g.state is not None)
-            if not q.floor_times or q.floor_times[-1][0] < floor:
+            last = q.floor_times[-1] if q.floor_times else None
+            if last is None or (last[0] < floor and now - last[1] >= FLOOR_TICK_S):
                 q.floor_times.append((floor, now))
             below = q.low
             horizon = now - q.spec.retention
