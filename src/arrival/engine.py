@@ -685,11 +685,15 @@ class Engine:
             m.received += len(grants)
             if grants:
                 self._mark_dirty((q, g))
-                b: _Batch | None = None
+                append = out.append
+                first = end = 0
+                records: list[RecordTuple] = []
                 for off, attempt, deadline in grants:
-                    if b is None or not b.first <= off < b.first + len(b.records):
+                    if not first <= off < end:
                         b = self._batch_at(q, off)
-                    out.append((off, attempt, deadline, b.records[off - b.first]))
+                        first, records = b.first, b.records
+                        end = first + len(records)
+                    append((off, attempt, deadline, records[off - first]))
             return out, self.version, s.next_due()
 
     def _expire(self, q: _Queue, g: _Group, now: float) -> None:
