@@ -67,3 +67,20 @@ def broker(stores: Stores) -> arrival.Broker:
 
 
 BrokerFactory = Callable[[], arrival.Broker]
+
+NO_BACKOFF = arrival.Backoff(initial_s=0.0, multiplier=1.0, max_s=0.0, jitter=0.0)
+"""Redeliver at once after a nack: for tests that count attempts, not time."""
+
+
+def drain(consumer: arrival.Consumer, ack: bool = True) -> list[arrival.Message]:
+    """Everything the consumer can get right now, acked unless told otherwise."""
+    out: list[arrival.Message] = []
+    while (msg := consumer.receive(timeout=0)) is not None:
+        out.append(msg)
+        if ack:
+            msg.ack()
+    return out
+
+
+def bodies(msgs: list[arrival.Message]) -> list[bytes]:
+    return [m.body for m in msgs]

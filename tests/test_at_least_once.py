@@ -10,23 +10,9 @@ import pytest
 import arrival
 from arrival.errors import AlreadySettled, ClosedError, LeaseExpired
 from arrival.testing import FakeClock
-from conftest import Stores
-
-NO_BACKOFF = arrival.Backoff(initial_s=0.0, multiplier=1.0, max_s=0.0, jitter=0.0)
-
-
-def _drain(consumer: arrival.Consumer, ack: bool = True) -> list[arrival.Message]:
-    """Everything the consumer can get right now, acked unless told otherwise."""
-    out: list[arrival.Message] = []
-    while (msg := consumer.receive(timeout=0)) is not None:
-        out.append(msg)
-        if ack:
-            msg.ack()
-    return out
-
-
-def _bodies(msgs: list[arrival.Message]) -> list[bytes]:
-    return [m.body for m in msgs]
+from conftest import NO_BACKOFF, Stores
+from conftest import bodies as _bodies
+from conftest import drain as _drain
 
 
 def _group(broker: arrival.Broker, queue: str, group: str) -> arrival.GroupStats:

@@ -9,18 +9,12 @@ import pytest
 import arrival
 from arrival.errors import NotSupported
 from arrival.testing import FakeClock
-from conftest import Stores
+from conftest import Stores, drain
+from conftest import bodies as _bodies
 
 
 def _drain(consumer: arrival.Consumer) -> list[arrival.Message]:
-    out: list[arrival.Message] = []
-    while (msg := consumer.receive(timeout=0)) is not None:
-        out.append(msg)
-    return out
-
-
-def _bodies(msgs: list[arrival.Message]) -> list[bytes]:
-    return [m.body for m in msgs]
+    return drain(consumer, ack=False)  # at-most-once: nothing to ack
 
 
 def test_send_returns_none_and_is_visible_at_once(broker: arrival.Broker) -> None:

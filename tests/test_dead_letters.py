@@ -7,18 +7,8 @@ import pytest
 import arrival
 from arrival.errors import NotSupported
 from arrival.testing import FakeClock
-from conftest import Stores
-
-NO_BACKOFF = arrival.Backoff(initial_s=0.0, multiplier=1.0, max_s=0.0, jitter=0.0)
-
-
-def _drain(consumer: arrival.Consumer, ack: bool = True) -> list[arrival.Message]:
-    out: list[arrival.Message] = []
-    while (msg := consumer.receive(timeout=0)) is not None:
-        out.append(msg)
-        if ack:
-            msg.ack()
-    return out
+from conftest import NO_BACKOFF, Stores
+from conftest import drain as _drain
 
 
 def _fail_until_dead(
