@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import threading
+from collections.abc import Callable
 
 AT_LEAST_ONCE_QUEUE = "crash-alo"
 AT_MOST_ONCE_QUEUE = "crash-amo"
@@ -24,3 +25,12 @@ def emit(line: str) -> None:
 
 def body_of(n: int) -> bytes:
     return f"message {n}".encode()
+
+
+def run_threads(target: Callable[[int], None], threads: int) -> None:
+    """Run ``target(i)`` in ``threads`` threads and wait for all of them."""
+    workers = [threading.Thread(target=target, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import random
 import sys
-import threading
 import time
 
-from _common import AT_LEAST_ONCE_QUEUE, body_of, emit
+from _common import AT_LEAST_ONCE_QUEUE, body_of, emit, run_threads
 
 import arrival
 
@@ -52,11 +51,7 @@ def main() -> None:
                     m.ack()
                     emit(f"ACKED {m.id}")
 
-    workers = [threading.Thread(target=run, args=(t,)) for t in range(int(threads))]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
+    run_threads(run, int(threads))
     broker.close()
     emit("EMPTY")
 

@@ -15,7 +15,7 @@ import random
 import sys
 import threading
 
-from _common import AT_LEAST_ONCE_QUEUE, body_of, emit
+from _common import AT_LEAST_ONCE_QUEUE, body_of, emit, run_threads
 
 import arrival
 
@@ -54,11 +54,7 @@ def main() -> None:
                 producer.send_batch(AT_LEAST_ONCE_QUEUE, batch)
             emit(f"ACK {lo} {hi}")
 
-    workers = [threading.Thread(target=run, args=(t,)) for t in range(int(threads))]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
+    run_threads(run, int(threads))
     broker.close()
     emit("DONE")
 
