@@ -869,14 +869,26 @@ class Engine:
         with self._lock:
             self._check_open()
             dlq, _g, s = self._dlq(queue)
-            out: list[DeadMessage] = []
-            for off in range(s.floor, dlq.visible):
-                if off in s.settled:
-                    continue
-                out.append(self._dead_message(dlq, off))
-                if limit is not None and len(out) >= limit:
-                    break
-            return out
+            return self._select_dead(dlq, s, None, limit)
+
+    def _select_dead(
+        self,
+        dlq: _Queue,
+        s: GroupState,
+        where: Callable[[DeadMessage], bool] | None,
+        limit: int | None,
+    ) -> list[DeadMessage]:
+        """The dead letters still in ``dlq`` that ``where`` selects, oldest first."""
+        out: list[DeadMessage] = []
+        for off in range(s.floor, dlq.visible):
+            if limit is not None and len(out) >= limit:
+                break
+            if off in s.settled:
+                continue
+            d = self._dead_message(dlq, off)
+            if where is None or where(d):
+                out.append(d)
+        return out
 
     def _dead_message(self, dlq: _Queue, off: int) -> DeadMessage:
         b = self._batch_at(dlq, off)
@@ -919,15 +931,7 @@ class Engine:
             self._check_open()
             dlq, g, s = self._dlq(queue)
             origin = self._queue(queue)
-            chosen = [
-                d
-                for d in (
-                    self._dead_message(dlq, off)
-                    for off in range(s.floor, dlq.visible)
-                    if off not in s.settled
-                )
-                if where is None or where(d)
-            ][:limit]
+            chosen = self._select_dead(dlq, s, where, limit)
             if dry_run or not chosen:
                 return chosen, None
             now = self.clock.now()
@@ -953,13 +957,10 @@ class Engine:
         with self._lock:
             self._check_open()
             dlq, g, s = self._dlq(queue)
-            n = 0
-            for off in range(s.floor, dlq.visible):
-                if off in s.settled:
-                    continue
-                if where is None or where(self._dead_message(dlq, off)):
-                    s.settle_unleased(off)
-                    n += 1
+            chosen = self._select_dead(dlq, s, where, None)
+            for d in chosen:
+                s.settle_unleased(d.offset)
+            n = len(chosen)
             if n:
                 self._mark_dirty((dlq, g))
                 ticket = self._barrier()
