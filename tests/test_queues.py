@@ -118,14 +118,15 @@ def test_no_dead_letter_queue_with_unlimited_retries_is_allowed(broker: arrival.
     assert broker.queues() == ["q"]
 
 
-def test_exactly_once_is_not_supported_yet(broker: arrival.Broker) -> None:
-    with pytest.raises(NotSupported) as info:
-        broker.create_queue("pay", "exactly-once")
-    text = str(info.value)
-    assert "exactly-once" in text
-    assert "'pay'" in text
-    assert "at-least-once" in text  # what to do instead
-    assert broker.queues() == []
+def test_exactly_once_queue_is_created_with_dedup(broker: arrival.Broker) -> None:
+    spec = broker.create_queue("pay", "exactly-once")
+    assert spec.dedup and spec.dead_letter == "pay.dlq"
+    assert broker.queues() == ["pay", "pay.dlq"]
+    d = broker.describe("pay")
+    assert "stored once and processed once" in d.promise
+    assert any("confirmed commits" in m for m in d.mechanism)
+    assert d.limits["dedup_window"] == "604800 s"
+    assert "producer_state" in d.limits
 
 
 def test_unknown_guarantee_is_refused(broker: arrival.Broker) -> None:

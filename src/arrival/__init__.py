@@ -8,14 +8,29 @@ broker.create_queue("orders", guarantee="at-least-once", max_deliveries=5)
 broker.producer().send("orders", b'{"id": 1}', key="customer-7")
 msg = broker.consumer("orders", group="billing").receive(timeout=1.0)
 msg.ack()
+
+with broker.transaction("billing-1") as tx:   # exactly-once: sends and acks together
+    tx.send("ledger", b"...")
+    tx.ack(msg)
 ```
 ``arrival.aio`` is the same API with ``async``/``await``.
 """
 
 from arrival import errors
 from arrival._common import Envelope
-from arrival._sync import Broker, Consumer, DeadLetters, Message, Producer, connect
+from arrival._sync import (
+    Broker,
+    Consumer,
+    DeadLetters,
+    Message,
+    Outputs,
+    ProcessResult,
+    Producer,
+    Transaction,
+    connect,
+)
 from arrival.engine import DeadMessage
+from arrival.inbox import Inbox, inbox
 from arrival.model import (
     Backoff,
     BrokerStats,
@@ -28,6 +43,7 @@ from arrival.model import (
     QueueStats,
     StoredMessage,
 )
+from arrival.router import Route, Router
 
 __version__ = "0.1.0"
 
@@ -43,13 +59,20 @@ __all__ = [
     "Envelope",
     "GroupStats",
     "Guarantee",
+    "Inbox",
     "Message",
+    "Outputs",
+    "ProcessResult",
     "Producer",
     "QueueDescription",
     "QueueSpec",
     "QueueStats",
+    "Route",
+    "Router",
     "StoredMessage",
+    "Transaction",
     "__version__",
     "connect",
     "errors",
+    "inbox",
 ]

@@ -7,22 +7,34 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Mapping
+import threading
+import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from arrival._clock import Clock
 from arrival._codec import RecordTuple
-from arrival.engine import Engine, Send
-from arrival.errors import NotSupported, UsageError
+from arrival.engine import Engine, ProducerSeq, Send, Ticket, TxnAcks
+from arrival.errors import NotSupported, TransactionError, UsageError
 from arrival.model import QueueSpec
 from arrival.semantics.spec import UNSET, resolve_spec
 from arrival.storage.base import Storage
 from arrival.storage.memory import MemoryStorage
 
-__all__ = ["Envelope", "MessageBase", "MessageContext", "open_engine", "to_send"]
+__all__ = [
+    "Envelope",
+    "MessageBase",
+    "MessageContext",
+    "ProducerCore",
+    "TransactionCore",
+    "open_engine",
+    "to_send",
+]
 
 DEFAULT_URL = "./data"
+DEFAULT_TRANSACTION_TIMEOUT_S = 60.0
+MAX_TRANSACTION_BYTES = 64 << 20  # a transaction is held in memory until it commits
 
 
 def open_engine(
@@ -30,15 +42,19 @@ def open_engine(
     *,
     clock: Clock | None = None,
     rng: random.Random | None = None,
+    producer_horizon: float | None = None,
 ) -> tuple[Engine, str]:
     """Open the backend ``url`` names: ``memory:``, a directory path, or a Storage."""
     if url is None:
         url = os.environ.get("ARRIVAL_URL", DEFAULT_URL)
+    options: dict[str, Any] = {"clock": clock, "rng": rng}
+    if producer_horizon is not None:
+        options["producer_horizon_s"] = producer_horizon
     if not isinstance(url, (str, os.PathLike)):
-        return Engine(url, clock=clock, rng=rng), repr(url)
+        return Engine(url, **options), repr(url)
     text = os.fspath(url)
     if text == "memory:":
-        return Engine(MemoryStorage(), clock=clock, rng=rng), text
+        return Engine(MemoryStorage(), **options), text
     scheme, sep, _rest = text.partition("://")
     if sep:
         if scheme in ("arrival", "arrivals", "nats"):
@@ -54,7 +70,7 @@ def open_engine(
         text = text[len("file:") :]
     from arrival.storage.sqlite import SqliteStorage
 
-    return Engine(SqliteStorage(text), clock=clock, rng=rng), text
+    return Engine(SqliteStorage(text), **options), text
 
 
 def queue_spec(name: str, guarantee: str, options: dict[str, Any]) -> QueueSpec:
@@ -201,3 +217,148 @@ class MessageBase:
     def receipt(self) -> tuple[str, str, int, int, int]:
         """(queue, group, offset, attempt, broker epoch): what an ack is checked against."""
         return (self.queue, self.group, self.offset, self.attempt, self._epoch)
+
+
+class ProducerCore:
+    """An idempotent producer's identity and sequence numbers, shared by both APIs.
+
+    Durable sends carry (id, epoch, sequence): a retry of the same sequence gets its
+    original result. Sequences reach the engine in the order they are numbered (the lock
+    spans numbering and queueing), so concurrent threads sharing a producer never make
+    a gap. At-most-once sends carry none: they are never retried.
+    """
+
+    def __init__(self, engine: Engine, producer_id: str | None) -> None:
+        self.engine = engine
+        self.id = producer_id or f"producer-{uuid.uuid4().hex}"
+        self.epoch = engine.register_producer(self.id) if producer_id else 0
+        self.seq = 0
+        self._lock = threading.Lock()
+
+    def submit(
+        self, queue: str, messages: Sequence[Send] | None, bodies: list[bytes] | None = None
+    ) -> Ticket | None:
+        engine = self.engine
+        if not engine.is_durable(queue):
+            if bodies is not None:
+                return engine.send_bodies(queue, bodies)
+            assert messages is not None
+            return engine.send(queue, messages)
+        with self._lock:
+            if not self.epoch:
+                self.epoch = engine.register_producer(self.id)
+            seq: ProducerSeq = (self.id, self.epoch, self.seq + 1)
+            if bodies is not None:
+                ticket = engine.send_bodies(queue, bodies, seq)
+            else:
+                assert messages is not None
+                ticket = engine.send(queue, messages, seq)
+            self.seq += 1
+        return ticket
+
+
+class TransactionCore:
+    """A transaction's buffered sends and acks, committed by the engine in one write.
+
+    Nothing is sent to the engine before ``commit``: an abort, an exception, a crash or
+    a timeout leaves no trace but the fenced epoch.
+    """
+
+    def __init__(self, engine: Engine, tid: str, timeout: float) -> None:
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
+            raise UsageError(
+                f"transaction timeout must be a number of seconds > 0, not {timeout!r}"
+            )
+        self.engine = engine
+        self.id = tid
+        self.timeout = float(timeout)
+        self.epoch = engine.begin_transaction(tid)
+        self.started = engine.clock.now()
+        self.state = "open"
+        self.sends: dict[str, list[tuple[RecordTuple, int]]] = {}  # record, unnamed index
+        self.acks: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        self.inputs: dict[str, None] = {}  # ids of acked messages, in order
+        self.outputs_of: dict[str, int] = {}  # outputs named after each input so far
+        self.unnamed = 0  # outputs with neither an id nor a source
+        self.nbytes = 0
+
+    def __repr__(self) -> str:
+        n = sum(len(v) for v in self.sends.values())
+        return f"<Transaction {self.id!r} {self.state} sends={n} acks={len(self.inputs)}>"
+
+    def check_open(self) -> None:
+        if self.state != "open":
+            raise TransactionError(
+                f"transaction {self.id!r} is {self.state}: open a new one with "
+                f"broker.transaction({self.id!r})"
+            )
+
+    def add(self, queue: str, messages: Sequence[Send], source: MessageBase | None) -> None:
+        self.check_open()
+        records = self.engine.records(queue, messages)
+        size = sum(len(r[4]) for r in records)
+        if self.nbytes + size > MAX_TRANSACTION_BYTES:
+            raise TransactionError(
+                f"transaction {self.id!r} would hold more than {MAX_TRANSACTION_BYTES} bytes; "
+                f"commit in smaller transactions"
+            )
+        self.nbytes += size
+        out = self.sends.setdefault(queue, [])
+        for r in records:
+            unnamed = -1
+            if r[1] is None:
+                if source is not None:
+                    # a deterministic id: the same input and output index on every retry
+                    n = self.outputs_of.get(source.id, 0)
+                    self.outputs_of[source.id] = n + 1
+                    r = (r[0], f"{source.id}/{n}", r[2], r[3], r[4])
+                else:
+                    unnamed = self.unnamed
+                    self.unnamed += 1
+            out.append((r, unnamed))
+
+    def ack(self, msg: MessageBase) -> None:
+        self.check_open()
+        if not isinstance(msg, MessageBase):
+            raise TypeError(f"tx.ack() takes a received message, not {type(msg).__name__}")
+        if msg._engine is not self.engine:
+            raise UsageError("tx.ack() takes messages received from the same broker")
+        self.acks.setdefault((msg._member, msg._epoch), []).append((msg.offset, msg.attempt))
+        self.inputs[msg.id] = None
+
+    def submit(self) -> Ticket:
+        """Hand the transaction to the engine; the Ticket completes once it is durable."""
+        self.check_open()
+        self.state = "committing"
+        # with one input, outputs without an id derive theirs from it, as with source=
+        sole = next(iter(self.inputs)) if len(self.inputs) == 1 else None
+        base = self.outputs_of.get(sole, 0) if sole is not None else 0
+        sends: list[tuple[str, list[RecordTuple]]] = []
+        for queue, items in self.sends.items():
+            records = []
+            for r, unnamed in items:
+                if unnamed >= 0 and sole is not None:
+                    r = (r[0], f"{sole}/{base + unnamed}", r[2], r[3], r[4])
+                records.append(r)
+            sends.append((queue, records))
+        acks: TxnAcks = [(m, e, receipts) for (m, e), receipts in self.acks.items()]
+        try:
+            ticket = self.engine.commit_transaction(
+                self.id, self.epoch, self.started, self.timeout, sends, acks
+            )
+        except BaseException:
+            self.state = "aborted"
+            raise
+        self.sends = {}
+        self.acks = {}
+        return ticket
+
+    def finished(self, ok: bool) -> None:
+        self.state = "committed" if ok else "aborted"
+
+    def abort(self) -> None:
+        if self.state == "open":
+            self.state = "aborted"
+            self.sends = {}
+            self.acks = {}
+            self.engine.end_transaction(self.id, self.epoch)

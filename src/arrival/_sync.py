@@ -3,24 +3,34 @@
 from __future__ import annotations
 
 import builtins
+import contextlib
 import os
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 from arrival._clock import Clock
 from arrival._common import (
+    DEFAULT_TRANSACTION_TIMEOUT_S,
     MessageBase,
     MessageContext,
+    ProducerCore,
+    TransactionCore,
     batch_to_send,
     open_engine,
     queue_spec,
     to_send,
 )
 from arrival.engine import DeadMessage, Engine
-from arrival.errors import ClosedError, UsageError
+from arrival.errors import (
+    ClosedError,
+    LeaseExpired,
+    TransactionTimedOut,
+    UsageError,
+)
 from arrival.model import (
     Backoff,
     BrokerStats,
@@ -34,7 +44,16 @@ from arrival.model import (
 from arrival.semantics.spec import UNSET
 from arrival.storage.base import Storage
 
-__all__ = ["Broker", "Consumer", "DeadLetters", "Message", "Producer", "connect"]
+__all__ = [
+    "Broker",
+    "Consumer",
+    "DeadLetters",
+    "Message",
+    "ProcessResult",
+    "Producer",
+    "Transaction",
+    "connect",
+]
 
 _WAKE_SLACK_S = 0.001  # sleep a little past a due time so the retry is due when we poll
 
@@ -44,13 +63,16 @@ def connect(
     *,
     clock: Clock | None = None,
     rng: random.Random | None = None,
+    producer_horizon: float | None = None,
 ) -> Broker:
     """Open a broker: a directory path (durable, embedded), ``"memory:"`` (for tests),
     or a Storage. Without ``url``, ``$ARRIVAL_URL`` or ``./data``.
 
+    ``producer_horizon``: seconds an idempotent producer's state is kept after its last
+    send (default 7 days); a retry after that raises ``DedupHorizonPassed``.
     ``clock`` and ``rng`` replace the system clock and randomness (tests only).
     """
-    engine, where = open_engine(url, clock=clock, rng=rng)
+    engine, where = open_engine(url, clock=clock, rng=rng, producer_horizon=producer_horizon)
     return Broker(engine, where)
 
 
@@ -90,6 +112,8 @@ class Broker:
         drop: DropPolicy | str = UNSET,
         conflate: bool = UNSET,
         max_message_bytes: int = UNSET,
+        dedup: bool = UNSET,
+        dedup_window: float = UNSET,
     ) -> QueueSpec:
         """Declare a queue and its guarantee: ``"at-most-once"``, ``"at-least-once"`` or
         ``"exactly-once"``. Declaring it again with the same settings is a no-op; with
@@ -98,7 +122,11 @@ class Broker:
         at-least-once: ``ack_timeout`` (s, lease length), ``max_deliveries`` (failed
         attempts before dead-lettering; None = unlimited), ``dead_letter`` (queue name,
         default ``NAME.dlq``), ``backoff`` (``arrival.Backoff``), ``retention`` (s to keep
-        messages after every group acked them).
+        messages after every group acked them), ``dedup`` (a send whose id is already
+        stored is not stored again; always on for exactly-once), ``dedup_window`` (s to
+        remember ids, at least; default 7 days).
+        exactly-once: as at-least-once, plus idempotent sends, confirmed acks and
+        transactions (``broker.transaction``).
         at-most-once: ``capacity`` (messages), ``drop`` (``"oldest"``/``"newest"``),
         ``conflate`` (keep only the latest message per key).
         """
@@ -112,6 +140,8 @@ class Broker:
             "drop": drop,
             "conflate": conflate,
             "max_message_bytes": max_message_bytes,
+            "dedup": dedup,
+            "dedup_window": dedup_window,
         }
         return self._engine.create_queue(queue_spec(name, guarantee, options))
 
@@ -134,8 +164,25 @@ class Broker:
     def stats(self, queue: str) -> QueueStats:
         return self._engine.stats(queue)
 
-    def producer(self) -> Producer:
-        return Producer(self._engine)
+    def producer(self, id: str | None = None) -> Producer:  # noqa: A002 - like Envelope.id
+        """A producer. Sends to durable queues are idempotent: each carries the producer's
+        id, epoch and a sequence number, so a retry never stores a message twice.
+
+        Give ``id`` to keep one identity across restarts: opening the same id again fences
+        the earlier holder (its next send raises ProducerFenced)."""
+        return Producer(self._engine, id)
+
+    def transaction(
+        self, transactional_id: str, *, timeout: float = DEFAULT_TRANSACTION_TIMEOUT_S
+    ) -> Transaction:
+        """Begin a transaction: its sends (to any queues) and acks (of messages from any
+        queues) take effect together at commit, or not at all on an exception, ``abort()``,
+        a crash or after ``timeout`` seconds. Use it as ``with broker.transaction(...) as
+        tx:``, which commits on success and aborts on an exception.
+
+        Opening ``transactional_id`` again fences the earlier holder: its commit raises
+        ProducerFenced and nothing of it becomes visible."""
+        return Transaction(self._engine, transactional_id, timeout)
 
     def consumer(self, queue: str, group: str = "default", *, start: str = "earliest") -> Consumer:
         """Join consumer ``group`` of ``queue``. A new group starts at the oldest retained
@@ -153,21 +200,26 @@ class Broker:
 
 
 class Producer:
-    """Sends messages. On durable queues ``send`` returns once the message is fsynced;
-    on at-most-once queues it returns at once (fire and forget)."""
+    """Sends messages. On durable queues ``send`` returns once the message is fsynced, and
+    sends are idempotent (id, epoch, sequence); on at-most-once queues it returns at once
+    (fire and forget)."""
 
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
+    def __init__(self, engine: Engine, producer_id: str | None = None) -> None:
+        self._core = ProducerCore(engine, producer_id)
         self._closed = False
 
     def __repr__(self) -> str:
-        return f"<arrival.Producer {'closed' if self._closed else 'open'}>"
+        return f"<arrival.Producer {self.id!r} {'closed' if self._closed else 'open'}>"
 
     def __enter__(self) -> Producer:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @property
+    def id(self) -> str:
+        return self._core.id
 
     def send(
         self,
@@ -179,10 +231,12 @@ class Producer:
         id: str | None = None,  # noqa: A002 - the SPEC's name
         timeout: float | None = None,
     ) -> int | None:
-        """Send one message; returns its offset (None on at-most-once queues)."""
+        """Send one message; returns its offset (None on at-most-once queues). On a queue
+        with dedup, a message whose ``id`` is stored already is not stored again and the
+        original's offset is returned."""
         if self._closed:
             raise ClosedError("the producer")
-        ticket = self._engine.send(queue, [to_send(body, key, headers, id)])
+        ticket = self._core.submit(queue, [to_send(body, key, headers, id)])
         return None if ticket is None else ticket.wait(timeout)
 
     def send_batch(
@@ -194,13 +248,123 @@ class Producer:
             raise ClosedError("the producer")
         items = list(messages)
         if all(type(m) is bytes for m in items):  # the fast path: bodies only
-            ticket = self._engine.send_bodies(queue, items)
+            ticket = self._core.submit(queue, None, items)
         else:
-            ticket = self._engine.send(queue, batch_to_send(items))
+            ticket = self._core.submit(queue, batch_to_send(items))
         return None if ticket is None else ticket.wait(timeout)
 
     def close(self) -> None:
         self._closed = True
+
+
+class Transaction:
+    """Sends and acks that take effect together at ``commit()``, or not at all.
+
+    Nothing is visible to any consumer before the commit is durable. The acked messages
+    must still be leased at commit: if a lease expired meanwhile the whole transaction is
+    refused (LeaseExpired), since another consumer may be processing the message."""
+
+    def __init__(self, engine: Engine, tid: str, timeout: float) -> None:
+        self._core = TransactionCore(engine, tid, timeout)
+
+    def __repr__(self) -> str:
+        return repr(self._core)
+
+    @property
+    def id(self) -> str:
+        return self._core.id
+
+    @property
+    def state(self) -> str:
+        """``open``, ``committing``, ``committed`` or ``aborted``."""
+        return self._core.state
+
+    def __enter__(self) -> Transaction:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, v: BaseException | None, tb: object) -> None:
+        if t is None:
+            if self._core.state == "open":
+                self.commit()
+        else:
+            self.abort()
+
+    def send(
+        self,
+        queue: str,
+        body: bytes,
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        id: str | None = None,  # noqa: A002 - the SPEC's name
+        source: MessageBase | None = None,
+    ) -> None:
+        """Send at commit. Without ``id``, an output of ``source`` (or of the one message
+        this transaction acks) gets the id ``<input id>/<n>``: the same on every retry."""
+        self._core.add(queue, [to_send(body, key, headers, id)], source)
+
+    def send_batch(
+        self, queue: str, messages: Iterable[bytes | Any], *, source: MessageBase | None = None
+    ) -> None:
+        self._core.add(queue, batch_to_send(list(messages)), source)
+
+    def ack(self, msg: MessageBase) -> None:
+        """Ack ``msg`` at commit, atomically with this transaction's sends."""
+        self._core.ack(msg)
+
+    def commit(self, timeout: float | None = None) -> None:
+        """Make every send and ack take effect, durably; returns once fsynced. Raises
+        (and nothing took effect) if the transaction was fenced, timed out, or an acked
+        message's lease is no longer held."""
+        ticket = self._core.submit()
+        try:
+            ticket.wait(timeout)
+        except TimeoutError:
+            raise
+        except BaseException:
+            self._core.finished(False)
+            raise
+        self._core.finished(True)
+
+    def abort(self) -> None:
+        """Discard the transaction: nothing of it takes effect; its acked messages are
+        redelivered when their leases end (release them to hand them back sooner)."""
+        self._core.abort()
+
+
+@dataclass
+class ProcessResult:
+    """What ``Consumer.process`` did."""
+
+    committed: int = 0  # input messages whose outputs and ack were committed
+    failed: int = 0  # handler raised: the message was nacked, its outputs discarded
+    aborted: int = 0  # transactions refused (a lease expired, timeout): inputs come back
+
+
+class Outputs:
+    """What a handler of ``Consumer.process`` sends with: outputs of the message it is
+    given, committed with that message's ack, with deterministic ids."""
+
+    def __init__(self, tx: Transaction, source: Message) -> None:
+        self._tx = tx
+        self._source = source
+        self._items: list[tuple[str, bytes, str | None, Mapping[str, str] | None, str | None]] = []
+
+    def send(
+        self,
+        queue: str,
+        body: bytes,
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        id: str | None = None,  # noqa: A002 - the SPEC's name
+    ) -> None:
+        to_send(body, key, headers, id)  # check now, in the handler
+        self._items.append((queue, body, key, headers, id))
+
+    def _flush(self) -> None:
+        for queue, body, key, headers, mid in self._items:
+            self._tx.send(queue, body, key=key, headers=headers, id=mid, source=self._source)
 
 
 class Message(MessageBase):
@@ -210,8 +374,11 @@ class Message(MessageBase):
 
     def ack(self) -> None:
         """Processed: the group will not get this message again. Raises LeaseExpired if the
-        lease ran out first (the message is then redelivered)."""
-        self._engine.ack(self._member, self._epoch, ((self.offset, self.attempt),))
+        lease ran out first (the message is then redelivered). On an exactly-once queue it
+        returns once the ack is durable: the group never gets the message again."""
+        ticket = self._engine.ack(self._member, self._epoch, ((self.offset, self.attempt),))
+        if ticket is not None:
+            ticket.wait()
 
     def nack(self, delay: float | None = None, *, error: str | None = None) -> None:
         """Failed: redeliver after ``delay`` seconds (default: the queue's backoff). After
@@ -302,7 +469,117 @@ class Consumer:
         """Ack many messages of this consumer at once."""
         msgs = list(messages)
         if msgs:
-            self._engine.ack(self._member, msgs[0]._epoch, [(m.offset, m.attempt) for m in msgs])
+            receipts = [(m.offset, m.attempt) for m in msgs]
+            ticket = self._engine.ack(self._member, msgs[0]._epoch, receipts)
+            if ticket is not None:
+                ticket.wait()
+
+    def process(
+        self,
+        handler: Callable[[Message, Outputs], None],
+        *,
+        transactional_id: str,
+        batch: int = 1,
+        interval: float = 0.1,
+        timeout: float = DEFAULT_TRANSACTION_TIMEOUT_S,
+        limit: int | None = None,
+        idle: float | None = None,
+        stop: Callable[[], bool] | None = None,
+    ) -> ProcessResult:
+        """Consume in transactions: exactly-once consume-transform-produce.
+
+        ``handler(msg, out)`` handles one message and sends its outputs with
+        ``out.send(queue, body, ...)``. Outputs and acks commit together, every ``batch``
+        messages or ``interval`` seconds (whichever comes first), like Kafka Streams'
+        commit interval; ``batch=1`` commits each message on its own. An output without
+        an id gets ``<input id>/<n>``, the same on every retry.
+
+        When the handler raises, that message's outputs are discarded and it is nacked
+        (it is retried with backoff, then dead-lettered); the rest of the batch commits.
+        When a commit is refused because a lease expired or the transaction timed out,
+        nothing of it took effect and its messages come back. ProducerFenced stops the
+        loop: a newer holder of ``transactional_id`` took over.
+
+        Runs until ``limit`` messages were handled, no message came for ``idle`` seconds,
+        ``stop()`` returns True, or the consumer is closed. Returns what it did.
+        """
+        if batch < 1:
+            raise UsageError(f"batch must be at least 1 message, not {batch}")
+        if interval <= 0:
+            raise UsageError(f"interval must be > 0 seconds, not {interval}")
+        result = ProcessResult()
+        engine = self._engine
+        tx: Transaction | None = None
+        held = 0
+        opened = last_seen = time.monotonic()
+
+        def commit() -> None:
+            nonlocal tx, held
+            assert tx is not None
+            try:
+                tx.commit()
+                result.committed += held
+            except (LeaseExpired, TransactionTimedOut):
+                result.aborted += 1  # nothing took effect; the inputs are redelivered
+            finally:
+                tx, held = None, 0
+
+        try:
+            while True:
+                done = result.committed + result.failed + held
+                if (stop is not None and stop()) or (limit is not None and done >= limit):
+                    break
+                now = time.monotonic()
+                if idle is not None and not held and now - last_seen >= idle:
+                    break
+                want = batch - held if limit is None else min(batch - held, limit - done)
+                if held:
+                    wait = max(0.0, interval - (now - opened))
+                else:
+                    wait = 0.1 if stop is not None else 1.0
+                    if idle is not None:
+                        wait = min(wait, max(0.0, idle - (now - last_seen)))
+                try:
+                    msgs = self.receive_batch(want, timeout=wait)
+                except ClosedError:
+                    break
+                if msgs:
+                    last_seen = time.monotonic()
+                    if tx is None:
+                        tx = Transaction(engine, transactional_id, timeout)
+                        opened, held = last_seen, 0
+                for msg in msgs:
+                    assert tx is not None
+                    out = Outputs(tx, msg)
+                    try:
+                        handler(msg, out)
+                    except Exception as exc:  # noqa: BLE001 - the handler's failure is data
+                        result.failed += 1
+                        self._nack_failed(msg, exc)
+                        continue
+                    out._flush()
+                    tx.ack(msg)
+                    held += 1
+                if tx is not None and (
+                    held >= batch or time.monotonic() - opened >= interval or not held
+                ):
+                    if held:
+                        commit()
+                    else:
+                        tx.abort()
+                        tx = None
+        finally:
+            if tx is not None:
+                if held and not engine.closed:
+                    commit()
+                else:
+                    tx.abort()
+        return result
+
+    @staticmethod
+    def _nack_failed(msg: Message, exc: Exception) -> None:
+        with contextlib.suppress(LeaseExpired):  # it is redelivered anyway
+            msg.nack(error=f"{type(exc).__name__}: {exc}")
 
     def close(self) -> None:
         """Leave the group; messages still held go back to it without spending attempts."""

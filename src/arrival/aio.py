@@ -19,16 +19,20 @@ from typing import Any
 
 from arrival._clock import Clock
 from arrival._common import (
+    DEFAULT_TRANSACTION_TIMEOUT_S,
     Envelope,
     MessageBase,
     MessageContext,
+    ProducerCore,
+    TransactionCore,
     batch_to_send,
     open_engine,
     queue_spec,
     to_send,
 )
+from arrival._sync import ProcessResult
 from arrival.engine import DeadMessage, Engine, Ticket
-from arrival.errors import ClosedError, UsageError
+from arrival.errors import ClosedError, LeaseExpired, TransactionTimedOut, UsageError
 from arrival.model import (
     Backoff,
     BrokerStats,
@@ -42,7 +46,18 @@ from arrival.model import (
 from arrival.semantics.spec import UNSET
 from arrival.storage.base import Storage
 
-__all__ = ["Broker", "Consumer", "DeadLetters", "Envelope", "Message", "Producer", "connect"]
+__all__ = [
+    "Broker",
+    "Consumer",
+    "DeadLetters",
+    "Envelope",
+    "Message",
+    "Outputs",
+    "ProcessResult",
+    "Producer",
+    "Transaction",
+    "connect",
+]
 
 _WAKE_SLACK_S = 0.001
 
@@ -52,9 +67,10 @@ async def connect(
     *,
     clock: Clock | None = None,
     rng: random.Random | None = None,
+    producer_horizon: float | None = None,
 ) -> Broker:
     """Open a broker; see ``arrival.connect``."""
-    engine, where = open_engine(url, clock=clock, rng=rng)
+    engine, where = open_engine(url, clock=clock, rng=rng, producer_horizon=producer_horizon)
     return Broker(engine, where)
 
 
@@ -118,6 +134,8 @@ class Broker:
         drop: DropPolicy | str = UNSET,
         conflate: bool = UNSET,
         max_message_bytes: int = UNSET,
+        dedup: bool = UNSET,
+        dedup_window: float = UNSET,
     ) -> QueueSpec:
         """See ``arrival.Broker.create_queue``."""
         options: dict[str, Any] = {
@@ -130,6 +148,8 @@ class Broker:
             "drop": drop,
             "conflate": conflate,
             "max_message_bytes": max_message_bytes,
+            "dedup": dedup,
+            "dedup_window": dedup_window,
         }
         spec = queue_spec(name, guarantee, options)
         return await asyncio.to_thread(self._engine.create_queue, spec)
@@ -154,8 +174,15 @@ class Broker:
     async def stats(self, queue: str) -> QueueStats:
         return self._engine.stats(queue)
 
-    def producer(self) -> Producer:
-        return Producer(self._engine)
+    def producer(self, id: str | None = None) -> Producer:  # noqa: A002 - like Envelope.id
+        """See ``arrival.Broker.producer``."""
+        return Producer(self._engine, id)
+
+    def transaction(
+        self, transactional_id: str, *, timeout: float = DEFAULT_TRANSACTION_TIMEOUT_S
+    ) -> Transaction:
+        """See ``arrival.Broker.transaction``; use it as ``async with``."""
+        return Transaction(self._engine, transactional_id, timeout)
 
     def consumer(self, queue: str, group: str = "default", *, start: str = "earliest") -> Consumer:
         return Consumer(self._engine, queue, group, start)
@@ -171,15 +198,22 @@ class Broker:
 class Producer:
     """The async twin of ``arrival.Producer``: concurrent sends share one fsync."""
 
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
+    def __init__(self, engine: Engine, producer_id: str | None = None) -> None:
+        self._core = ProducerCore(engine, producer_id)
         self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<arrival.aio.Producer {self.id!r} {'closed' if self._closed else 'open'}>"
 
     async def __aenter__(self) -> Producer:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    @property
+    def id(self) -> str:
+        return self._core.id
 
     async def send(
         self,
@@ -192,7 +226,7 @@ class Producer:
     ) -> int | None:
         if self._closed:
             raise ClosedError("the producer")
-        ticket = self._engine.send(queue, [to_send(body, key, headers, id)])
+        ticket = self._core.submit(queue, [to_send(body, key, headers, id)])
         return None if ticket is None else await _committed(ticket)
 
     async def send_batch(self, queue: str, messages: Iterable[bytes | Any]) -> int | None:
@@ -200,13 +234,100 @@ class Producer:
             raise ClosedError("the producer")
         items = list(messages)
         if all(type(m) is bytes for m in items):  # the fast path: bodies only
-            ticket = self._engine.send_bodies(queue, items)
+            ticket = self._core.submit(queue, None, items)
         else:
-            ticket = self._engine.send(queue, batch_to_send(items))
+            ticket = self._core.submit(queue, batch_to_send(items))
         return None if ticket is None else await _committed(ticket)
 
     async def close(self) -> None:
         self._closed = True
+
+
+class Transaction:
+    """The async twin of ``arrival.Transaction``; use it as ``async with``."""
+
+    def __init__(self, engine: Engine, tid: str, timeout: float) -> None:
+        self._core = TransactionCore(engine, tid, timeout)
+
+    def __repr__(self) -> str:
+        return repr(self._core)
+
+    @property
+    def id(self) -> str:
+        return self._core.id
+
+    @property
+    def state(self) -> str:
+        return self._core.state
+
+    async def __aenter__(self) -> Transaction:
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, v: BaseException | None, tb: object
+    ) -> None:
+        if t is None:
+            if self._core.state == "open":
+                await self.commit()
+        else:
+            await self.abort()
+
+    async def send(
+        self,
+        queue: str,
+        body: bytes,
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        id: str | None = None,  # noqa: A002 - the SPEC's name
+        source: MessageBase | None = None,
+    ) -> None:
+        self._core.add(queue, [to_send(body, key, headers, id)], source)
+
+    async def send_batch(
+        self, queue: str, messages: Iterable[bytes | Any], *, source: MessageBase | None = None
+    ) -> None:
+        self._core.add(queue, batch_to_send(list(messages)), source)
+
+    async def ack(self, msg: MessageBase) -> None:
+        self._core.ack(msg)
+
+    async def commit(self) -> None:
+        ticket = self._core.submit()
+        try:
+            await _committed(ticket)
+        except BaseException:
+            self._core.finished(False)
+            raise
+        self._core.finished(True)
+
+    async def abort(self) -> None:
+        self._core.abort()
+
+
+class Outputs:
+    """The async twin of ``arrival.Outputs``."""
+
+    def __init__(self, tx: Transaction, source: Message) -> None:
+        self._tx = tx
+        self._source = source
+        self._items: list[tuple[str, bytes, str | None, Mapping[str, str] | None, str | None]] = []
+
+    async def send(
+        self,
+        queue: str,
+        body: bytes,
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        id: str | None = None,  # noqa: A002 - the SPEC's name
+    ) -> None:
+        to_send(body, key, headers, id)
+        self._items.append((queue, body, key, headers, id))
+
+    async def _flush(self) -> None:
+        for queue, body, key, headers, mid in self._items:
+            await self._tx.send(queue, body, key=key, headers=headers, id=mid, source=self._source)
 
 
 class Message(MessageBase):
@@ -215,7 +336,9 @@ class Message(MessageBase):
     __slots__ = ()
 
     async def ack(self) -> None:
-        self._engine.ack(self._member, self._epoch, ((self.offset, self.attempt),))
+        ticket = self._engine.ack(self._member, self._epoch, ((self.offset, self.attempt),))
+        if ticket is not None:
+            await _committed(ticket)
 
     async def nack(self, delay: float | None = None, *, error: str | None = None) -> None:
         self._engine.nack(self._member, self._epoch, self.offset, self.attempt, delay, error)
@@ -310,7 +433,99 @@ class Consumer:
     async def ack_batch(self, messages: Iterable[Message]) -> None:
         msgs = list(messages)
         if msgs:
-            self._engine.ack(self._member, msgs[0]._epoch, [(m.offset, m.attempt) for m in msgs])
+            receipts = [(m.offset, m.attempt) for m in msgs]
+            ticket = self._engine.ack(self._member, msgs[0]._epoch, receipts)
+            if ticket is not None:
+                await _committed(ticket)
+
+    async def process(
+        self,
+        handler: Callable[[Message, Outputs], Any],
+        *,
+        transactional_id: str,
+        batch: int = 1,
+        interval: float = 0.1,
+        timeout: float = DEFAULT_TRANSACTION_TIMEOUT_S,
+        limit: int | None = None,
+        idle: float | None = None,
+        stop: Callable[[], bool] | None = None,
+    ) -> ProcessResult:
+        """See ``arrival.Consumer.process``; ``handler`` may be sync or async."""
+        if batch < 1:
+            raise UsageError(f"batch must be at least 1 message, not {batch}")
+        if interval <= 0:
+            raise UsageError(f"interval must be > 0 seconds, not {interval}")
+        result = ProcessResult()
+        engine = self._engine
+        tx: Transaction | None = None
+        held = 0
+        opened = last_seen = time.monotonic()
+
+        async def commit() -> None:
+            nonlocal tx, held
+            assert tx is not None
+            try:
+                await tx.commit()
+                result.committed += held
+            except (LeaseExpired, TransactionTimedOut):
+                result.aborted += 1
+            finally:
+                tx, held = None, 0
+
+        try:
+            while True:
+                done = result.committed + result.failed + held
+                if (stop is not None and stop()) or (limit is not None and done >= limit):
+                    break
+                now = time.monotonic()
+                if idle is not None and not held and now - last_seen >= idle:
+                    break
+                want = batch - held if limit is None else min(batch - held, limit - done)
+                if held:
+                    wait = max(0.0, interval - (now - opened))
+                else:
+                    wait = 0.1 if stop is not None else 1.0
+                    if idle is not None:
+                        wait = min(wait, max(0.0, idle - (now - last_seen)))
+                try:
+                    msgs = await self.receive_batch(want, timeout=wait)
+                except ClosedError:
+                    break
+                if msgs:
+                    last_seen = time.monotonic()
+                    if tx is None:
+                        tx = Transaction(engine, transactional_id, timeout)
+                        opened, held = last_seen, 0
+                for msg in msgs:
+                    assert tx is not None
+                    out = Outputs(tx, msg)
+                    try:
+                        r = handler(msg, out)
+                        if asyncio.iscoroutine(r):
+                            await r
+                    except Exception as exc:  # noqa: BLE001 - the handler's failure is data
+                        result.failed += 1
+                        with contextlib.suppress(LeaseExpired):
+                            await msg.nack(error=f"{type(exc).__name__}: {exc}")
+                        continue
+                    await out._flush()
+                    await tx.ack(msg)
+                    held += 1
+                if tx is not None and (
+                    held >= batch or time.monotonic() - opened >= interval or not held
+                ):
+                    if held:
+                        await commit()
+                    else:
+                        await tx.abort()
+                        tx = None
+        finally:
+            if tx is not None:
+                if held and not engine.closed:
+                    await commit()
+                else:
+                    await tx.abort()
+        return result
 
     async def close(self) -> None:
         if not self._closed:

@@ -46,6 +46,7 @@ from arrival.errors import (
     UsageError,
 )
 from arrival.model import (
+    DEFAULT_DEDUP_WINDOW_S,
     BrokerStats,
     ConsumerStats,
     GroupStats,
@@ -55,6 +56,7 @@ from arrival.model import (
     QueueStats,
     StoredMessage,
 )
+from arrival.semantics.dedup import Duplicate, IdIndex, ProducerTable
 from arrival.semantics.delivery import SKIP, DeadLetterAction, GroupState, Key
 from arrival.semantics.lossy import LossyBuffer, LossyQueue
 from arrival.semantics.spec import (
@@ -65,6 +67,7 @@ from arrival.semantics.spec import (
     encode_spec,
     validate_queue_name,
 )
+from arrival.semantics.transactions import TransactionTable
 from arrival.storage.base import GroupRecord, Storage, WriteSet
 
 __all__ = ["DeadMessage", "Delivery", "Engine", "Ticket"]
@@ -74,6 +77,7 @@ SNAPSHOT_EVERY = 256  # group deltas between snapshots: bounds recovery time and
 CACHE_MESSAGES = 262_144  # decoded messages kept in memory; older batches are re-read
 FLOOR_TICK_S = 1.0  # retention is kept to this precision; bounds floor_times to one per s
 HOUSEKEEPING_S = 0.25  # how often the writer expires leases and trims when idle
+DEDUP_EXPIRY_S = 1.0  # how often idle producers and old message ids are forgotten
 
 # provenance headers of dead-lettered messages
 H_ORIGIN_QUEUE = "arrival-origin-queue"
@@ -94,6 +98,12 @@ Delivery = tuple[int, int, float, RecordTuple]
 
 Send = tuple[str | None, str | None, dict[str, str] | None, bytes]
 """(id, key, headers, body) of a message to send."""
+
+ProducerSeq = tuple[str, int, int]
+"""(producer id, epoch, sequence) of an idempotent send."""
+
+TxnAcks = list[tuple[int, int, list[tuple[int, int]]]]
+"""(member, broker epoch, [(offset, attempt)]) of the deliveries a transaction acks."""
 
 _ticket_lock = threading.Lock()
 
@@ -143,6 +153,13 @@ class Ticket:
         if self._error is not None:
             raise self._error
         return self.result
+
+    @classmethod
+    def completed(cls, result: int) -> Ticket:
+        t = cls()
+        t.result = result
+        t._finish(None)
+        return t
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +236,7 @@ class _Queue:
         "firsts",
         "floor_times",
         "groups",
+        "ids",
         "lossy",
         "low",
         "name",
@@ -241,6 +259,7 @@ class _Queue:
         self.sent = 0
         self.floor_times: deque[tuple[int, float]] = deque()  # (min floor, when reached)
         self.lossy: LossyQueue[tuple[int, RecordTuple]] | None = None
+        self.ids = IdIndex(spec.dedup_window) if spec.dedup else None
         if spec.guarantee is Guarantee.AT_MOST_ONCE:
             assert spec.capacity is not None
             self.lossy = LossyQueue(spec.capacity, spec.drop, spec.conflate)
@@ -279,7 +298,10 @@ class Engine:
         clock: Clock | None = None,
         rng: random.Random | None = None,
         ack_linger_s: float = 0.005,
+        producer_horizon_s: float = DEFAULT_DEDUP_WINDOW_S,
     ) -> None:
+        if not producer_horizon_s > 0:
+            raise UsageError(f"producer_horizon_s must be > 0 seconds, not {producer_horizon_s}")
         self.storage = storage
         self.clock: Clock = clock or SystemClock()
         self.rng = rng or random.Random()
@@ -300,10 +322,18 @@ class Engine:
         self._closing = False
         self._closed = False
         self._abandon = False
+        self._producers = ProducerTable(producer_horizon_s)
+        self._next_dedup_expiry = 0.0
         loaded = storage.load()
         try:
             self.epoch = int(loaded.meta.get("epoch", b"0")) + 1
+            self._txns = TransactionTable(self.epoch)
             self._restore(loaded.specs, loaded.batches, loaded.groups, loaded.meta)
+            self._producers.restore(loaded.producers)
+            for name, rows in loaded.ids.items():
+                iq = self._queues.get(name)
+                if iq is not None and iq.ids is not None:
+                    iq.ids.load(rows)
             ws = WriteSet(meta={"epoch": str(self.epoch).encode()})
             storage.commit(ws)
         except BaseException:
@@ -426,12 +456,6 @@ class Engine:
             if existing is not None:
                 check_compatible(existing.spec, spec)
                 return existing.spec
-            if spec.guarantee is Guarantee.EXACTLY_ONCE:
-                raise NotSupported(
-                    f"can't create queue {spec.name!r}: exactly-once queues need the "
-                    f"transactions and idempotent producers of a later arrival release; "
-                    f"declare it at-least-once and deduplicate in the consumer until then"
-                )
             if spec.dead_letter is not None:
                 dl = self._queues.get(spec.dead_letter)
                 if dl is None:
@@ -471,6 +495,10 @@ class Engine:
             q = self._queue(name)
             facts = dict(self.storage.description) if q.spec.guarantee.durable else {}
             facts["backend"] = "embedded"
+            if q.spec.guarantee is Guarantee.EXACTLY_ONCE:
+                facts["producer_state"] = (
+                    f"kept {self._producers.horizon:g} s after a producer's last send"
+                )
             return describe(q.spec, facts)
 
     def info(self) -> BrokerStats:
@@ -557,12 +585,23 @@ class Engine:
 
     # -- producing --------------------------------------------------------------------
 
-    def send(self, queue: str, messages: Sequence[Send]) -> Ticket | None:
+    def send(
+        self, queue: str, messages: Sequence[Send], producer: ProducerSeq | None = None
+    ) -> Ticket | None:
         """Append ``messages`` in order. Durable queues: a Ticket that completes when they
-        are committed. At-most-once queues: None, and the messages are already queued."""
+        are committed, with the offset of the first. At-most-once queues: None, and the
+        messages are already queued.
+
+        ``producer`` makes the send idempotent: a retry of the same (producer, epoch,
+        sequence) gets the original offset and stores nothing. On queues with ``dedup``
+        a message whose id is already stored is acknowledged and not stored again.
+        """
+        return self._send_records(self._queue(queue), self.records(queue, messages), producer)
+
+    def records(self, queue: str, messages: Sequence[Send]) -> list[RecordTuple]:
+        """Check ``messages`` against ``queue``'s limits and stamp them for storage."""
         now = self.clock.now()
-        q = self._queue(queue)  # a dict read; specs never change once created
-        limit = q.spec.max_message_bytes
+        limit = self._queue(queue).spec.max_message_bytes  # specs never change once created
         records: list[RecordTuple] = []
         for mid, key, headers, body in messages:
             size = len(body)
@@ -571,37 +610,108 @@ class Engine:
             if size > limit:
                 raise MessageTooLarge(queue, size, limit)
             records.append((now, mid, key, headers, body))
-        return self._send_records(q, records)
+        return records
 
-    def send_bodies(self, queue: str, bodies: Sequence[bytes]) -> Ticket | None:
+    def send_bodies(
+        self, queue: str, bodies: Sequence[bytes], producer: ProducerSeq | None = None
+    ) -> Ticket | None:
         """``send`` for messages that are bodies only (no id, key or headers)."""
         now = self.clock.now()
         q = self._queue(queue)
         limit = q.spec.max_message_bytes
         if bodies and max(map(len, bodies)) > limit:
             raise MessageTooLarge(queue, max(map(len, bodies)), limit)
-        return self._send_records(q, [(now, None, None, None, b) for b in bodies])
+        return self._send_records(q, [(now, None, None, None, b) for b in bodies], producer)
 
-    def _send_records(self, q: _Queue, records: list[RecordTuple]) -> Ticket | None:
+    def is_durable(self, queue: str) -> bool:
+        """Whether ``queue`` stores its messages (at-least-once or exactly-once)."""
+        return self._queue(queue).lossy is None  # a dict read; specs never change
+
+    def register_producer(self, producer: str) -> int:
+        """Open a new incarnation of ``producer``; returns its epoch, fencing earlier ones."""
+        validate_queue_name(producer)
+        with self._lock:
+            self._check_open()
+            return self._producers.register(producer, self.clock.now())
+
+    def _send_records(
+        self, q: _Queue, records: list[RecordTuple], producer: ProducerSeq | None
+    ) -> Ticket | None:
         queue = q.name
         if not records:
             raise UsageError("send needs at least one message")
         # encode outside the lock: concurrent producers encode in parallel with commits
-        data = encode_batch(records) if q.lossy is None else b""
+        data = encode_batch(records) if q.lossy is None and q.ids is None else None
         with self._lock:
             self._check_open()
             if self._queues.get(queue) is not q:
                 raise UnknownQueue(queue)
-            q.sent += len(records)
             if q.lossy is not None:
-                off = q.visible
-                items = list(zip(range(off, off + len(records)), records, strict=True))
-                keys = [_lossy_key(item) for item in items] if q.lossy.conflate else []
-                q.lossy.put_many(items, keys)
-                q.end = q.visible = off + len(records)
-                self._notify()
+                q.sent += len(records)
+                self._publish_lossy(q, records)
                 return None
+            if producer is not None:
+                pid, epoch, seq = producer
+                dup = self._producers.check(pid, epoch, seq, queue)
+                if isinstance(dup, Duplicate):
+                    return self._ticket_for(q, dup.offset)
+            ticket = self._append_dedup(q, records, data)
+            if producer is not None:
+                self._producers.record(pid, epoch, seq, queue, ticket.result, self.clock.now())
+            return ticket
+
+    def _publish_lossy(self, q: _Queue, records: list[RecordTuple]) -> None:
+        assert q.lossy is not None
+        off = q.visible
+        items = list(zip(range(off, off + len(records)), records, strict=True))
+        keys = [_lossy_key(item) for item in items] if q.lossy.conflate else []
+        q.lossy.put_many(items, keys)
+        q.end = q.visible = off + len(records)
+        self._notify()
+
+    def _ticket_for(self, q: _Queue, offset: int) -> Ticket:
+        """A Ticket for a message queued earlier: done once it is committed."""
+        if offset < q.visible:
+            return Ticket.completed(offset)
+        ticket = self._barrier()  # commits are in order: the next one includes it
+        ticket.result = offset
+        return ticket
+
+    def _append_dedup(
+        self, q: _Queue, records: list[RecordTuple], data: bytes | None = None
+    ) -> Ticket:
+        """``_append``, leaving out messages whose id ``q`` already stores (with ``dedup``).
+
+        The Ticket's result is the offset of the first message: for a duplicate, the
+        offset at which the original was stored. The caller holds the lock.
+        """
+        ids = q.ids
+        if ids is None:
+            q.sent += len(records)
             return self._append(q, records, data)
+        fresh: list[RecordTuple] = []
+        first_dup: int | None = None
+        off = q.end
+        now = self.clock.now()
+        for r in records:
+            mid = r[1]
+            if mid is not None:
+                known = ids.get(mid)
+                if known is not None:
+                    if first_dup is None and not fresh:
+                        first_dup = known
+                    continue
+                ids.add(mid, off, now)
+            fresh.append(r)
+            off += 1
+        if not fresh:
+            assert first_dup is not None
+            return self._ticket_for(q, first_dup)
+        q.sent += len(fresh)
+        ticket = self._append(q, fresh, data if len(fresh) == len(records) else None)
+        if first_dup is not None:
+            ticket.result = first_dup
+        return ticket
 
     def _append(self, q: _Queue, records: list[RecordTuple], data: bytes | None = None) -> Ticket:
         """Queue a durable batch for the writer; the caller holds the lock."""
@@ -750,16 +860,20 @@ class Engine:
         self._mark_dirty((m.queue, m.group))
         return m.queue, m.group, s
 
-    def ack(self, member_id: int, epoch: int, receipts: Iterable[tuple[int, int]]) -> None:
-        """Settle deliveries, each named by (offset, attempt). Stops at the first stale one."""
+    def ack(self, member_id: int, epoch: int, receipts: Iterable[tuple[int, int]]) -> Ticket | None:
+        """Settle deliveries, each named by (offset, attempt). Stops at the first stale one.
+
+        On exactly-once queues, returns a Ticket that completes once the acks are durable
+        (a confirmed commit); elsewhere None: the acks are committed within the linger.
+        """
         with self._lock:
             m = self._members.get(member_id)
             if m is not None and m.group.state is None:
-                return  # at-most-once: handed out is processed
+                return None  # at-most-once: handed out is processed
             receipts = list(receipts)
             if not receipts:
-                return
-            _q, _g, s = self._settle_target(member_id, epoch, *receipts[0])
+                return None
+            q, _g, s = self._settle_target(member_id, epoch, *receipts[0])
             before = s.n_acked
             try:
                 s.ack_many(receipts)
@@ -767,6 +881,86 @@ class Engine:
                 self._members[member_id].acked += s.n_acked - before
                 if s.ready:
                     self._notify()
+            if q.spec.guarantee is Guarantee.EXACTLY_ONCE:
+                return self._barrier()
+            return None
+
+    # -- transactions -----------------------------------------------------------------
+
+    def begin_transaction(self, tid: str) -> tuple[int, int]:
+        """Open transactional id ``tid``; the returned epoch fences every earlier holder."""
+        validate_queue_name(tid)
+        with self._lock:
+            self._check_open()
+            return self._txns.begin(tid)
+
+    def end_transaction(self, tid: str, epoch: tuple[int, int]) -> None:
+        """The holder aborted: forget ``tid`` unless a newer holder has it."""
+        with self._lock:
+            self._txns.end(tid, epoch)
+
+    def commit_transaction(
+        self,
+        tid: str,
+        epoch: tuple[int, int],
+        started: float,
+        timeout: float,
+        sends: Sequence[tuple[str, list[RecordTuple]]],
+        acks: TxnAcks,
+    ) -> Ticket:
+        """Apply a transaction's sends and acks in one atomic commit, or none of them.
+
+        Refused (nothing applied) if ``tid`` was fenced, the transaction outlived
+        ``timeout``, a queue is unknown, or any ack's lease is no longer current.
+        The Ticket completes once the commit is durable; messages sent to at-most-once
+        queues are handed out only then.
+        """
+        with self._lock:
+            self._check_open()
+            now = self.clock.now()
+            try:
+                self._txns.check(tid, epoch, started, timeout, now)
+                queues = [(self._queue(name), records) for name, records in sends]
+                by_member: dict[tuple[int, int], dict[tuple[int, int], None]] = {}
+                for member_id, m_epoch, receipts in acks:
+                    by_member.setdefault((member_id, m_epoch), {}).update(dict.fromkeys(receipts))
+                targets = []
+                for (member_id, m_epoch), unique in by_member.items():
+                    m = self._members.get(member_id)
+                    if not unique or (m is not None and m.group.state is None):
+                        continue  # at-most-once: handed out is processed
+                    receipts = list(unique)
+                    _q, _g, st = self._settle_target(member_id, m_epoch, *receipts[0])
+                    for off, attempt in receipts:
+                        st.check(off, attempt)
+                    targets.append((member_id, st, receipts))
+            except BaseException:
+                self._txns.end(tid, epoch)
+                raise
+            lossy: list[tuple[_Queue, list[RecordTuple]]] = []
+            for q, records in queues:
+                if q.lossy is not None:
+                    lossy.append((q, records))
+                else:
+                    self._append_dedup(q, records)
+            for member_id, st, receipts in targets:
+                st.ack_many(receipts)
+                self._members[member_id].acked += len(receipts)
+            self._txns.end(tid, epoch)
+            ticket = self._barrier()
+            if targets:
+                self._notify()
+        if lossy:
+
+            def publish() -> None:
+                if ticket._error is None:
+                    with self._lock:
+                        for q, records in lossy:
+                            q.sent += len(records)
+                            self._publish_lossy(q, records)
+
+            ticket.add_done_callback(publish)
+        return ticket
 
     def nack(
         self,
@@ -1012,6 +1206,7 @@ class Engine:
                     g.since_snapshot += 1
                     g.seq += 1
         self._dirty.clear()
+        self._collect_dedup(ws)
         for q, below in self._trims():
             ws.trims[q.name] = below
             ws.meta[f"low:{q.name}"] = str(below).encode()
@@ -1025,6 +1220,23 @@ class Engine:
                     q.cached -= len(gone.records)
             del q.firsts[:n], q.counts[:n]
         return ws, published, tickets
+
+    def _collect_dedup(self, ws: WriteSet) -> None:
+        """Producer states and message ids to store with this commit's batches."""
+        now = self.clock.now()
+        if now >= self._next_dedup_expiry:
+            self._next_dedup_expiry = now + DEDUP_EXPIRY_S
+            self._producers.expire(now)
+            for q in self._queues.values():
+                if q.ids is not None:
+                    trim = q.ids.expire(now, q.low)
+                    if trim is not None:
+                        ws.id_trims[q.name] = trim
+        if self._producers.dirty:
+            ws.producers = self._producers.drain()
+        for q in self._queues.values():
+            if q.ids is not None and q.ids.added:
+                ws.ids.extend((q.name, mid, off, ts) for mid, off, ts in q.ids.drain())
 
     def _trims(self) -> list[tuple[_Queue, int]]:
         now = self.clock.now()

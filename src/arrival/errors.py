@@ -10,6 +10,8 @@ ArrivalError                      base; ``retriable`` says whether the same call
 │   ├── MessageTooLarge
 │   ├── NotSupported              the operation has no meaning under this queue's guarantee
 │   ├── ClosedError               the broker, producer or consumer was closed
+│   ├── TransactionError          a transaction used wrongly (after its end, too large)
+│   ├── SequenceError             an idempotent send out of order, or older than remembered
 │   └── ReceiptError              an ack/nack/reject/extend that cannot be honoured
 │       ├── LeaseExpired          the lease ran out; the message is (or will be) redelivered
 │       └── AlreadySettled        the message was already acked, rejected or dead-lettered
@@ -21,7 +23,8 @@ ArrivalError                      base; ``retriable`` says whether the same call
     │   └── CorruptData           a checksum did not match: the store was damaged
     ├── BrokerUnreachable         (retriable)
     ├── AuthenticationFailed
-    └── TransactionTimedOut
+    ├── TransactionTimedOut       the transaction outlived its timeout and was aborted
+    └── DedupHorizonPassed        a retry too old to tell whether it is a duplicate
 ```
 
 Every message says what went wrong and what to do next.
@@ -38,6 +41,7 @@ __all__ = [
     "ConflictError",
     "CorruptData",
     "DataDirectoryInUse",
+    "DedupHorizonPassed",
     "EnvironmentFailure",
     "GuaranteeMismatch",
     "InvalidQueueSpec",
@@ -47,7 +51,9 @@ __all__ = [
     "ProducerFenced",
     "QueueSpecConflict",
     "ReceiptError",
+    "SequenceError",
     "StorageError",
+    "TransactionError",
     "TransactionTimedOut",
     "UnknownQueue",
     "UsageError",
@@ -118,6 +124,19 @@ class ClosedError(UsageError):
         super().__init__(f"{what} is closed: open a new one")
 
 
+class TransactionError(UsageError):
+    """A transaction used against its rules: after it ended, or grown past its limits."""
+
+
+class SequenceError(UsageError):
+    """An idempotent producer's send whose sequence number cannot be honoured."""
+
+    def __init__(self, producer: str, seq: int, detail: str) -> None:
+        self.producer = producer
+        self.seq = seq
+        super().__init__(f"producer {producer!r} can't send sequence {seq}: {detail}")
+
+
 class ReceiptError(UsageError):
     """An ack, nack, reject or extend that cannot be honoured."""
 
@@ -168,7 +187,18 @@ class DataDirectoryInUse(ConflictError):
 
 
 class ProducerFenced(ConflictError):
-    pass
+    """A newer holder opened the same producer or transactional id: this one is a zombie.
+
+    Nothing it sends or commits from now on takes effect. Stop using it; the newer holder
+    carries on (its input messages are redelivered to it if this one held them)."""
+
+    def __init__(self, kind: str, name: str, detail: str) -> None:
+        self.kind = kind
+        self.name = name
+        super().__init__(
+            f"{kind} {name!r} was fenced: {detail}. Nothing of this {kind} after the "
+            f"fence took effect; stop this holder and let the newer one carry on"
+        )
 
 
 class EnvironmentFailure(ArrivalError):
@@ -192,4 +222,32 @@ class AuthenticationFailed(EnvironmentFailure):
 
 
 class TransactionTimedOut(EnvironmentFailure):
-    pass
+    """The transaction was open longer than its timeout: it was aborted, nothing of it
+    took effect, and the messages it acked are redelivered."""
+
+    def __init__(self, transactional_id: str, timeout_s: float) -> None:
+        self.transactional_id = transactional_id
+        self.timeout_s = timeout_s
+        super().__init__(
+            f"transaction {transactional_id!r} was aborted: it was open longer than its "
+            f"timeout of {timeout_s:g} s, so none of its sends or acks took effect. Retry "
+            f"it (its input messages come back), commit smaller batches, or raise "
+            f"broker.transaction(..., timeout=)"
+        )
+
+
+class DedupHorizonPassed(EnvironmentFailure):
+    """A retried send older than the broker remembers: it might be a duplicate or not,
+    so it is refused instead of being stored a second time."""
+
+    def __init__(self, producer: str, seq: int, horizon_s: float) -> None:
+        self.producer = producer
+        self.seq = seq
+        self.horizon_s = horizon_s
+        super().__init__(
+            f"producer {producer!r} retried sequence {seq}, but the broker no longer "
+            f"remembers that producer (its state is kept {horizon_s:g} s after its last "
+            f"send): it can't tell whether the message was stored, so it refused to risk "
+            f"a duplicate. Check the queue for the message's id, then send it from a new "
+            f"producer if it is missing"
+        )

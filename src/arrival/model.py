@@ -43,6 +43,7 @@ DEFAULT_MAX_DELIVERIES = 10  # failed attempts before a message is dead-lettered
 DEFAULT_CAPACITY = 100_000  # at-most-once: bounds memory at ~100 MB for 1 KB messages
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 20  # 1 MiB: larger payloads belong in blob storage
 DEFAULT_RETENTION_S = 0.0  # acked by every group -> deletable at once
+DEFAULT_DEDUP_WINDOW_S = 7 * 86400.0  # ids and producer state: a week, not minutes
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +79,8 @@ class QueueSpec:
     drop: DropPolicy = DropPolicy.OLDEST
     conflate: bool = False
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    dedup: bool = False
+    dedup_window: float = DEFAULT_DEDUP_WINDOW_S
 
 
 @dataclass(frozen=True, slots=True)

@@ -59,6 +59,7 @@ def test_durable_defaults(guarantee: str) -> None:
         drop=DropPolicy.OLDEST,
         conflate=False,
         max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES,
+        dedup=guarantee == "exactly-once",
     )
 
 
@@ -399,6 +400,7 @@ def test_guarantee_mismatch_is_a_conflict_naming_the_guarantee() -> None:
     assert isinstance(err, QueueSpecConflict)
     assert err.differences == {
         "guarantee": (Guarantee.AT_LEAST_ONCE, Guarantee.EXACTLY_ONCE),
+        "dedup": (False, True),
     }
     assert "guarantee" in str(err)
 
@@ -523,7 +525,8 @@ def test_describe_backoff_policy() -> None:
 
 def test_describe_exactly_once_mentions_transactions() -> None:
     d = describe(resolve_spec("pay", "exactly-once"), {})
-    assert "transactions or the inbox" in d.promise
+    assert "in a transaction or recorded through the inbox" in d.promise
+    assert any("fences the previous holder" in m for m in d.mechanism)
     assert any("'pay.dlq'" in m for m in d.mechanism)
 
 
@@ -560,3 +563,28 @@ def test_spec_is_frozen() -> None:
     spec = resolve_spec("q", "at-least-once")
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec.ack_timeout = 1.0  # type: ignore[misc]
+
+
+def test_exactly_once_refuses_dedup_off() -> None:
+    problem = refused("pay", "exactly-once", dedup=False).problem
+    assert "dedup=False" in problem and "at-least-once" in problem
+
+
+def test_dedup_is_opt_in_on_at_least_once() -> None:
+    assert not resolve_spec("q", "at-least-once").dedup
+    assert resolve_spec("q", "at-least-once", dedup=True).dedup
+
+
+@pytest.mark.parametrize("option", [{"dedup": True}, {"dedup_window": 60.0}])
+def test_at_most_once_refuses_dedup_options(option: dict[str, Any]) -> None:
+    refused("q", "at-most-once", **option)
+
+
+@pytest.mark.parametrize("window", [0, -1.0, float("nan"), "7d", True])
+def test_dedup_window_must_be_positive_seconds(window: object) -> None:
+    assert "dedup_window" in refused("q", "at-least-once", dedup=True, dedup_window=window).problem
+
+
+@pytest.mark.parametrize("value", [1, "yes", None])
+def test_dedup_must_be_a_bool(value: object) -> None:
+    assert "dedup" in refused("q", "at-least-once", dedup=value).problem

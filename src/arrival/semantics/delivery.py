@@ -334,6 +334,13 @@ class GroupState:
             raise LeaseExpired(self.queue, off, attempt, "its lease expired or was released")
         return e
 
+    def check(self, off: int, attempt: int) -> None:
+        """Raise LeaseExpired or AlreadySettled unless (off, attempt) holds the lease now.
+
+        Call ``expire(now)`` first so that a lease past its deadline is refused.
+        """
+        self._current(off, attempt)
+
     def is_leased(self, off: int, attempt: int, now: float) -> bool:
         e = self.entries.get(off)
         return e is not None and e.leased and e.deliveries == attempt and e.deadline > now

@@ -52,7 +52,15 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,199}")
 MAX_ACK_TIMEOUT_S = 12 * 3600.0  # a lease longer than this is a stuck consumer, not a slow one
 MAX_MESSAGE_BYTES_LIMIT = 64 << 20
 
-_REDELIVERY_OPTIONS = ("ack_timeout", "max_deliveries", "dead_letter", "backoff", "retention")
+_REDELIVERY_OPTIONS = (
+    "ack_timeout",
+    "max_deliveries",
+    "dead_letter",
+    "backoff",
+    "retention",
+    "dedup",
+    "dedup_window",
+)
 _OVERFLOW_OPTIONS = ("capacity", "drop", "conflate")
 
 
@@ -107,6 +115,14 @@ def resolve_spec(name: str, guarantee: str | Guarantee, **options: Any) -> Queue
         given.pop("capacity", None)
         given.pop("drop", None)
         given.pop("conflate", None)
+        if g is Guarantee.EXACTLY_ONCE:
+            if given.get("dedup", True) is not True:
+                raise InvalidQueueSpec(
+                    name,
+                    "dedup=False would let an exactly-once queue store a retried send "
+                    "twice; declare the queue at-least-once if duplicates are acceptable",
+                )
+            given["dedup"] = True
         budget = given.get("max_deliveries", DEFAULT_MAX_DELIVERIES)
         if "dead_letter" not in given:
             given["dead_letter"] = f"{name}.dlq"
@@ -181,6 +197,10 @@ def _check_ranges(s: QueueSpec) -> None:
         raise bad("an at-most-once queue is bounded: capacity must be an int >= 1 messages")
     if s.capacity is not None and (not _is_int(s.capacity) or s.capacity < 1):
         raise bad(f"capacity must be an int >= 1 messages, not {s.capacity!r}")
+    if not isinstance(s.dedup, bool):
+        raise bad(f"dedup must be True or False, not {s.dedup!r}")
+    if not _is_number(s.dedup_window) or s.dedup_window <= 0:
+        raise bad(f"dedup_window must be a number of seconds > 0, not {s.dedup_window!r}")
     if not isinstance(s.conflate, bool):
         raise bad(f"conflate must be True or False, not {s.conflate!r}")
     if not _is_int(s.max_message_bytes) or not (
@@ -208,6 +228,7 @@ def dead_letter_spec(origin: QueueSpec) -> QueueSpec:
         backoff=origin.backoff,
         retention=0.0,
         max_message_bytes=origin.max_message_bytes + 4096,  # room for provenance headers
+        dedup=False,  # a dead letter is appended once, in the commit that settles it
     )
 
 
@@ -251,12 +272,20 @@ def describe(spec: QueueSpec, facts: dict[str, str]) -> QueueDescription:
             mechanism += ("conflated by key: only the latest message per key is kept",)
         limits.update(capacity=str(spec.capacity), drop=str(spec.drop))
     else:
-        promise = (
-            "every acknowledged send is delivered to each consumer group until a consumer "
-            "acks it; a message may be delivered more than once"
-        )
         if spec.guarantee is Guarantee.EXACTLY_ONCE:
-            promise += " (exactly-once effects need transactions or the inbox)"
+            promise = (
+                "every acknowledged send is stored once and processed once per consumer "
+                "group: a retried send is not stored again, an ack returns only once it is "
+                "durable and the group never gets the message again, and a transaction's "
+                "sends and acks take effect together or not at all. A redelivery (after a "
+                "crash before the ack) is invisible to effects made in a transaction or "
+                "recorded through the inbox"
+            )
+        else:
+            promise = (
+                "every acknowledged send is delivered to each consumer group until a "
+                "consumer acks it; a message may be delivered more than once"
+            )
         budget = (
             f"after {spec.max_deliveries} failed attempts (nack or lease expiry) or a "
             f"reject, the message moves to {spec.dead_letter!r} with its provenance"
@@ -276,6 +305,23 @@ def describe(spec: QueueSpec, facts: dict[str, str]) -> QueueDescription:
             "per-key order: a group never has two messages of one key in flight",
             "releases on shutdown or disconnect do not spend the delivery budget",
         )
+        if spec.guarantee is Guarantee.EXACTLY_ONCE:
+            mechanism += (
+                "idempotent producers: a retried send (same producer, epoch and sequence) "
+                "gets its original result; producer state lives in the same commit as the "
+                "messages it guards",
+                "acks are confirmed commits: ack() returns after the ack is fsynced",
+                "transactions: sends to any queues and acks of messages from any queues "
+                "commit in one atomic write; consumers read committed messages only; "
+                "reopening a transactional id fences the previous holder",
+            )
+        if spec.dedup:
+            mechanism += (
+                f"a send whose id is already stored is acknowledged and not stored again; "
+                f"ids are remembered while the message is retained and at least "
+                f"{spec.dedup_window:g} s after it was stored",
+            )
+            limits["dedup_window"] = f"{spec.dedup_window:g} s"
         limits.update(
             max_deliveries=str(spec.max_deliveries) if spec.max_deliveries else "unlimited",
             ack_timeout=f"{spec.ack_timeout:g} s",

@@ -9,6 +9,8 @@ Contract, for every implementation:
    rather than return damaged bytes.
 3. A batch is identified by ``(queue, first)``; ``read`` returns exactly the bytes given.
 4. A group record with ``snapshot=True`` replaces every earlier record of its group.
+5. Producer states and message ids are stored in the same atomic commit as the batches
+   they guard, so a crash keeps both or neither.
 """
 
 from __future__ import annotations
@@ -37,10 +39,23 @@ class WriteSet:
     batches: list[tuple[str, int, int, bytes]] = field(default_factory=list)  # queue, first, count
     groups: list[GroupRecord] = field(default_factory=list)
     trims: dict[str, int] = field(default_factory=dict)  # queue -> drop batches ending <= offset
+    producers: dict[str, bytes | None] = field(default_factory=dict)  # None deletes
+    ids: list[tuple[str, str, int, float]] = field(default_factory=list)  # queue, id, offset, ts
+    # queue -> (ts, offset): forget ids stored at or before ts with an offset below offset
+    id_trims: dict[str, tuple[float, int]] = field(default_factory=dict)
     sync: bool = True
 
     def __bool__(self) -> bool:
-        return bool(self.meta or self.specs or self.batches or self.groups or self.trims)
+        return bool(
+            self.meta
+            or self.specs
+            or self.batches
+            or self.groups
+            or self.trims
+            or self.producers
+            or self.ids
+            or self.id_trims
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,10 +66,12 @@ class Loaded:
     specs: dict[str, bytes]
     batches: dict[str, list[tuple[int, int]]]  # queue -> [(first, count)] in offset order
     groups: dict[tuple[str, str], list[tuple[int, bool, bytes]]]  # -> [(seq, snapshot, data)]
+    producers: dict[str, bytes] = field(default_factory=dict)
+    ids: dict[str, list[tuple[str, int, float]]] = field(default_factory=dict)  # by stored time
 
 
 class Storage(Protocol):
-    """A store for queues: specs, message batches and consumer-group records."""
+    """A store for queues: specs, message batches, consumer-group records and dedup state."""
 
     syncs: int  # durable commits so far
     commits: int  # all commits so far

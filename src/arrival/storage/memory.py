@@ -20,12 +20,18 @@ def _crc(data: bytes, *header: object) -> int:
     return zlib.crc32(data, zlib.crc32("\x1f".join(map(str, header)).encode()))
 
 
+def _by_time(row: tuple[str, int, float]) -> tuple[float, int]:
+    return (row[2], row[1])
+
+
 class MemoryStorage:
     def __init__(self) -> None:
         self._meta: dict[str, bytes] = {}
         self._specs: dict[str, bytes] = {}
         self._batches: dict[str, dict[int, tuple[int, int, bytes]]] = {}  # first -> count,crc,data
         self._groups: dict[tuple[str, str], list[tuple[int, bool, bytes]]] = {}
+        self._producers: dict[str, bytes] = {}
+        self._ids: dict[str, dict[str, tuple[int, float]]] = {}
         self._open = False
         self.syncs = 0
         self.commits = 0
@@ -55,6 +61,12 @@ class MemoryStorage:
                 if b
             },
             groups={k: list(v) for k, v in self._groups.items()},
+            producers=dict(self._producers),
+            ids={
+                q: sorted(((mid, off, ts) for mid, (off, ts) in ids.items()), key=_by_time)
+                for q, ids in self._ids.items()
+                if ids
+            },
         )
 
     def commit(self, ws: WriteSet) -> None:
@@ -66,6 +78,7 @@ class MemoryStorage:
             if spec is None:
                 self._specs.pop(name, None)
                 self._batches.pop(name, None)
+                self._ids.pop(name, None)
                 for key in [k for k in self._groups if k[0] == name]:
                     del self._groups[key]
             else:
@@ -85,6 +98,17 @@ class MemoryStorage:
             b = self._batches.get(queue, {})
             for first in [f for f, v in b.items() if f + v[0] <= below]:
                 del b[first]
+        for pid, state in ws.producers.items():
+            if state is None:
+                self._producers.pop(pid, None)
+            else:
+                self._producers[pid] = state
+        for queue, mid, off, ts in ws.ids:
+            self._ids.setdefault(queue, {})[mid] = (off, ts)
+        for queue, (before, below) in ws.id_trims.items():
+            ids = self._ids.get(queue, {})
+            for mid in [m for m, (o, t) in ids.items() if t <= before and o < below]:
+                del ids[mid]
 
     def read(self, queue: str, first: int) -> bytes:
         self._check_open()

@@ -47,6 +47,10 @@ CREATE TABLE IF NOT EXISTS groups (id INTEGER PRIMARY KEY, queue TEXT NOT NULL,
     grp TEXT NOT NULL, seq INTEGER NOT NULL, snapshot INTEGER NOT NULL,
     crc INTEGER NOT NULL, data BLOB NOT NULL);
 CREATE UNIQUE INDEX IF NOT EXISTS groups_by_seq ON groups (queue, grp, seq);
+CREATE TABLE IF NOT EXISTS producers (id TEXT PRIMARY KEY, crc INTEGER NOT NULL,
+    state BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS ids (queue TEXT NOT NULL, id TEXT NOT NULL, off INTEGER NOT NULL,
+    ts REAL NOT NULL, crc INTEGER NOT NULL, PRIMARY KEY (queue, id)) WITHOUT ROWID;
 """
 FORMAT_KEY = "arrival.format"  # the store's own; never shown to or written by the caller
 
@@ -210,7 +214,21 @@ class SqliteStorage:
             if _crc(_blob(data, what), queue, grp, seq, snap) != crc:
                 raise CorruptData(f"{what} fails its checksum: the store is damaged")
             groups.setdefault((queue, grp), []).append((seq, bool(snap), data))
-        return Loaded(meta=meta, specs=specs, batches=batches, groups=groups)
+        producers: dict[str, bytes] = {}
+        for pid, crc, state in db.execute("SELECT id, crc, state FROM producers"):
+            if _crc(_blob(state, f"producer {pid!r}"), pid) != crc:
+                raise CorruptData(f"the state of producer {pid!r} fails its checksum")
+            producers[pid] = state
+        ids: dict[str, list[tuple[str, int, float]]] = {}
+        for queue, mid, off, ts, crc in db.execute(
+            "SELECT queue, id, off, ts, crc FROM ids ORDER BY queue, ts, off"
+        ):
+            if _crc(b"", queue, mid, off, ts) != crc:
+                raise CorruptData(f"message id {mid!r} of queue {queue!r} fails its checksum")
+            ids.setdefault(queue, []).append((mid, off, ts))
+        return Loaded(
+            meta=meta, specs=specs, batches=batches, groups=groups, producers=producers, ids=ids
+        )
 
     def close(self) -> None:
         for conn in (self._reader, self._db):
@@ -258,6 +276,7 @@ class SqliteStorage:
                 db.execute("DELETE FROM queues WHERE name = ?", (name,))
                 db.execute("DELETE FROM batches WHERE queue = ?", (name,))
                 db.execute("DELETE FROM groups WHERE queue = ?", (name,))
+                db.execute("DELETE FROM ids WHERE queue = ?", (name,))
             else:
                 db.execute(
                     "INSERT OR REPLACE INTO queues VALUES (?, ?, ?)", (name, _crc(spec, name), spec)
@@ -285,6 +304,23 @@ class SqliteStorage:
             )
         for queue, below in ws.trims.items():
             db.execute("DELETE FROM batches WHERE queue = ? AND first + count <= ?", (queue, below))
+        for pid, state in ws.producers.items():
+            if state is None:
+                db.execute("DELETE FROM producers WHERE id = ?", (pid,))
+            else:
+                db.execute(
+                    "INSERT OR REPLACE INTO producers VALUES (?, ?, ?)",
+                    (pid, _crc(state, pid), state),
+                )
+        if ws.ids:
+            db.executemany(
+                "INSERT OR REPLACE INTO ids VALUES (?, ?, ?, ?, ?)",
+                [(q, mid, off, ts, _crc(b"", q, mid, off, ts)) for q, mid, off, ts in ws.ids],
+            )
+        for queue, (before, below) in ws.id_trims.items():
+            db.execute(
+                "DELETE FROM ids WHERE queue = ? AND ts <= ? AND off < ?", (queue, before, below)
+            )
 
     def read(self, queue: str, first: int) -> bytes:
         reader = self._reader

@@ -1,0 +1,204 @@
+"""Deduplication state: idempotent producers and message ids, as pure decisions.
+
+Two mechanisms, both kept in the same atomic write as the messages they guard:
+
+``ProducerTable``: each producer has an id, an epoch and a sequence number per send. The
+broker remembers, per producer, the last sequence it stored and the results of the last
+``RECENT`` sends, so a retried send gets its original result instead of a second copy.
+A producer's state is kept ``horizon`` seconds after its last send; a retry after that
+raises ``DedupHorizonPassed`` instead of risking a duplicate.
+
+``IdIndex``: the ids of the messages stored in one queue, kept while the message is
+retained and at least ``window`` seconds after it was stored.
+
+Invariants:
+1. A sequence is stored at most once per producer epoch: ``check`` answers a retry with
+   the original result, and refuses a gap (an earlier send was lost) or an old epoch.
+2. A stale epoch never writes: a newer ``register`` fences every earlier epoch.
+3. Nothing here reads a clock: ``now`` is passed in.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import msgspec
+
+from arrival.errors import DedupHorizonPassed, ProducerFenced, SequenceError, StorageError
+
+__all__ = ["RECENT", "Duplicate", "IdIndex", "ProducerState", "ProducerTable"]
+
+RECENT = 256
+"""Sends per producer whose results are remembered: a client pipelines at most this many
+unconfirmed sends, so every retry it can make finds its original result."""
+
+
+class _Stored(msgspec.Struct, array_like=True):
+    epoch: int
+    last_seq: int
+    last_send: float
+    recent: list[tuple[int, str, int]]  # (seq, queue, first offset)
+
+
+_enc = msgspec.msgpack.Encoder()
+_dec = msgspec.msgpack.Decoder(_Stored)
+
+
+@dataclass(slots=True)
+class ProducerState:
+    epoch: int
+    last_seq: int = 0
+    last_send: float = 0.0
+    recent: deque[tuple[int, str, int]] = field(default_factory=lambda: deque(maxlen=RECENT))
+
+
+@dataclass(frozen=True, slots=True)
+class Duplicate:
+    """The send was stored before: answer with its original result."""
+
+    queue: str
+    offset: int
+
+
+class ProducerTable:
+    """Per-producer epochs and sequences; see the module docstring for the invariants."""
+
+    def __init__(self, horizon: float) -> None:
+        self.horizon = horizon
+        self.states: dict[str, ProducerState] = {}
+        self.dirty: set[str] = set()  # changed since the last drain; absent -> deleted
+
+    def register(self, producer: str, now: float) -> int:
+        """A new incarnation of ``producer``: fences every earlier one; returns its epoch."""
+        old = self.states.get(producer)
+        st = ProducerState(epoch=(old.epoch + 1) if old else 1, last_send=now)
+        self.states[producer] = st
+        self.dirty.add(producer)
+        return st.epoch
+
+    def check(self, producer: str, epoch: int, seq: int, queue: str) -> Duplicate | None:
+        """Decide a send: None if it is new (call ``record`` once it is queued), or the
+        Duplicate it repeats. Raises for a fenced epoch, a gap or a forgotten retry."""
+        if seq < 1:
+            raise SequenceError(producer, seq, "sequence numbers start at 1")
+        st = self.states.get(producer)
+        if st is None or st.epoch < epoch:
+            if seq == 1:
+                return None  # a first send (its registration was lost in a crash)
+            raise DedupHorizonPassed(producer, seq, self.horizon)
+        if epoch < st.epoch:
+            raise ProducerFenced(
+                "producer", producer, f"epoch {epoch} was replaced by epoch {st.epoch}"
+            )
+        if seq == st.last_seq + 1:
+            return None
+        if seq > st.last_seq:
+            raise SequenceError(
+                producer,
+                seq,
+                f"the last stored sequence is {st.last_seq}, so sends "
+                f"{st.last_seq + 1}..{seq - 1} were lost; resend them in order",
+            )
+        for s, q, off in st.recent:
+            if s == seq:
+                if q != queue:
+                    raise SequenceError(
+                        producer, seq, f"it was used for queue {q!r}, not {queue!r}"
+                    )
+                return Duplicate(q, off)
+        raise SequenceError(
+            producer,
+            seq,
+            f"it is older than the last {RECENT} sends the broker remembers for this "
+            f"producer (the last stored is {st.last_seq})",
+        )
+
+    def record(
+        self, producer: str, epoch: int, seq: int, queue: str, offset: int, now: float
+    ) -> None:
+        st = self.states.get(producer)
+        if st is None or st.epoch != epoch:
+            st = self.states[producer] = ProducerState(epoch=epoch)
+        st.last_seq = seq
+        st.last_send = now
+        st.recent.append((seq, queue, offset))
+        self.dirty.add(producer)
+
+    def expire(self, now: float) -> list[str]:
+        """Forget producers idle longer than the horizon; returns their ids."""
+        gone = [p for p, st in self.states.items() if now - st.last_send > self.horizon]
+        for p in gone:
+            del self.states[p]
+            self.dirty.add(p)
+        return gone
+
+    def drain(self) -> dict[str, bytes | None]:
+        """Encoded states changed since the last drain (None: deleted)."""
+        out: dict[str, bytes | None] = {}
+        for p in self.dirty:
+            st = self.states.get(p)
+            out[p] = (
+                None
+                if st is None
+                else _enc.encode(_Stored(st.epoch, st.last_seq, st.last_send, list(st.recent)))
+            )
+        self.dirty = set()
+        return out
+
+    def restore(self, stored: dict[str, bytes]) -> None:
+        for p, data in stored.items():
+            try:
+                s = _dec.decode(data)
+            except msgspec.DecodeError as exc:
+                raise StorageError(f"state of producer {p!r} is unreadable ({exc})") from exc
+            self.states[p] = ProducerState(
+                s.epoch, s.last_seq, s.last_send, deque(s.recent, maxlen=RECENT)
+            )
+
+
+class IdIndex:
+    """The message ids stored in one queue, for deduplication by id."""
+
+    __slots__ = ("added", "by_id", "order", "window")
+
+    def __init__(self, window: float) -> None:
+        self.window = window
+        self.by_id: dict[str, int] = {}
+        self.order: deque[tuple[float, int, str]] = deque()  # (stored at, offset, id)
+        self.added: list[tuple[str, int, float]] = []  # not yet drained: (id, offset, ts)
+
+    def __len__(self) -> int:
+        return len(self.by_id)
+
+    def get(self, mid: str) -> int | None:
+        return self.by_id.get(mid)
+
+    def add(self, mid: str, offset: int, now: float) -> None:
+        self.by_id[mid] = offset
+        self.order.append((now, offset, mid))
+        self.added.append((mid, offset, now))
+
+    def load(self, rows: list[tuple[str, int, float]]) -> None:
+        for mid, offset, ts in rows:
+            self.by_id[mid] = offset
+            self.order.append((ts, offset, mid))
+
+    def expire(self, now: float, low: int) -> tuple[float, int] | None:
+        """Forget ids stored before ``now - window`` whose message is deleted (below
+        ``low``). Returns (stored before, offset below) for the store, or None."""
+        order = self.order
+        horizon = now - self.window
+        last: tuple[float, int] | None = None
+        while order and order[0][0] < horizon and order[0][1] < low:
+            ts, off, mid = order.popleft()
+            if self.by_id.get(mid) == off:
+                del self.by_id[mid]
+            last = (ts, off)
+        if last is None:
+            return None
+        return (last[0], last[1] + 1)
+
+    def drain(self) -> list[tuple[str, int, float]]:
+        added, self.added = self.added, []
+        return added
