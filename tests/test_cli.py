@@ -29,9 +29,14 @@ def test_demo_shows_redelivery_dead_letter_replay_and_conflation(tmp_path: Path)
     assert "order-4: from orders/billing after 3 attempts" in out
     assert "order-4 attempt 1 (replays: 1): processed, acked" in out
     assert "900 updates sent, 3 delivered" in out
+    assert "pay-1 sent twice: offsets 0 and 0, 1 stored" in out
+    assert "transaction aborted: no ledger entry" in out
+    assert "committed on attempt 2: 1 ledger entry (pay-1/0) and the ack" in out
     # the demo's data is real: the queues and the replayed message's settle persist
     with arrival.connect(tmp_path / "demo") as broker:
-        assert {"orders", "orders.dlq", "positions"} <= set(broker.queues())
+        assert {"orders", "orders.dlq", "positions", "payments", "ledger"} <= set(broker.queues())
+        assert broker.stats("ledger").end_offset == 1
+        assert broker.consumer("payments", "billing").receive(timeout=0) is None
         assert broker.dead_letters("orders").list() == []
         billing = next(g for g in broker.stats("orders").groups if g.group == "billing")
         assert billing.backlog == 0
@@ -48,8 +53,30 @@ def test_bench_json_reports_every_figure() -> None:
     assert alo["fsyncs"] >= 1  # durable sends were fsynced
     assert amo["fsyncs"] == 0  # at-most-once never waits for disk
     assert amo["delivered"] + amo["dropped"] == 3000
-    for r in (alo, amo):
+    eo = report["results"]["exactly-once"]
+    assert eo["delivered"] == 3000  # every input committed with its output (checked inside)
+    assert eo["txn_batch"] == 1000
+    assert 3 <= eo["transactions"] <= 3000
+    assert eo["fsyncs"] >= 1
+    for r in (alo, amo, eo):
         assert 0 <= r["p50_ms"] <= r["p99_ms"] <= r["p999_ms"]
+
+
+def test_bench_exactly_once_one_transaction_per_message() -> None:
+    out = run(
+        "bench", "-g", "exactly-once", "--count", "200", "--txn-batch", "1", "--consumers",
+        "2", "--runs", "1", "--json",
+    )  # fmt: skip
+    eo = json.loads(out)["results"]["exactly-once"]
+    assert eo["delivered"] == 200
+    assert eo["transactions"] == 200  # one commit per input
+    assert eo["consumers"] == 2
+
+
+def test_bench_table_labels_exactly_once_runs() -> None:
+    out = run("bench", "-g", "exactly-once", "--count", "500", "--runs", "1")
+    assert "exactly-once (1000/txn, 1 thr)" in out
+    assert "txn/s" in out
 
 
 def test_bench_table(tmp_path: Path) -> None:
@@ -98,7 +125,20 @@ def test_errors_are_one_clear_line_and_exit_2(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("guarantee", ["at-most-once", "at-least-once"])
+def test_queues_create_with_dedup(tmp_path: Path) -> None:
+    url = str(tmp_path / "data")
+    out = run(
+        "queues", "create", "jobs", "-g", "at-least-once", "--dedup", "--dedup-window", "3600",
+        "--url", url,
+    )  # fmt: skip
+    assert "not stored again" in out
+    assert "3600 s" in out
+    out = run("queues", "create", "pay", "-g", "exactly-once", "--url", url)
+    assert "exactly-once" in out
+    assert "confirmed commits" in out
+
+
+@pytest.mark.parametrize("guarantee", ["at-most-once", "at-least-once", "exactly-once"])
 def test_bench_one_guarantee(guarantee: str) -> None:
     report = json.loads(run("bench", "-g", guarantee, "--count", "500", "--runs", "1", "--json"))
     assert list(report["results"]) == [guarantee]

@@ -120,7 +120,8 @@ def test_no_dead_letter_queue_with_unlimited_retries_is_allowed(broker: arrival.
 
 def test_exactly_once_queue_is_created_with_dedup(broker: arrival.Broker) -> None:
     spec = broker.create_queue("pay", "exactly-once")
-    assert spec.dedup and spec.dead_letter == "pay.dlq"
+    assert spec.dedup
+    assert spec.dead_letter == "pay.dlq"
     assert broker.queues() == ["pay", "pay.dlq"]
     d = broker.describe("pay")
     assert "stored once and processed once" in d.promise

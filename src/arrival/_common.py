@@ -16,7 +16,7 @@ from typing import Any
 from arrival._clock import Clock
 from arrival._codec import RecordTuple
 from arrival.engine import Engine, ProducerSeq, Send, Ticket, TxnAcks
-from arrival.errors import NotSupported, TransactionError, UsageError
+from arrival.errors import MessageTooLarge, NotSupported, TransactionError, UsageError
 from arrival.model import QueueSpec
 from arrival.semantics.spec import UNSET, resolve_spec
 from arrival.storage.base import Storage
@@ -277,7 +277,8 @@ class TransactionCore:
         self.state = "open"
         self.sends: dict[str, list[tuple[RecordTuple, int]]] = {}  # record, unnamed index
         self.acks: dict[tuple[int, int], list[tuple[int, int]]] = {}
-        self.inputs: dict[str, None] = {}  # ids of acked messages, in order
+        self.inputs: dict[tuple[int, int], MessageBase] = {}  # acked, by (member, offset)
+        self.limits: dict[str, int] = {}  # max_message_bytes of each queue sent to
         self.outputs_of: dict[str, int] = {}  # outputs named after each input so far
         self.unnamed = 0  # outputs with neither an id nor a source
         self.nbytes = 0
@@ -294,44 +295,65 @@ class TransactionCore:
             )
 
     def add(self, queue: str, messages: Sequence[Send], source: MessageBase | None) -> None:
-        self.check_open()
-        records = self.engine.records(queue, messages)
-        size = sum(len(r[4]) for r in records)
+        """Buffer ``messages`` for ``queue``: checked now, sent at commit."""
+        if self.state != "open":
+            self.check_open()
+        limit = self.limits.get(queue)
+        if limit is None:  # raises UnknownQueue now rather than at commit
+            limit = self.limits[queue] = self.engine.spec(queue).max_message_bytes
+        size = 0
+        for _mid, _key, headers, body in messages:
+            n = len(body)
+            if headers:
+                n += sum(len(k) + len(v) for k, v in headers.items())
+            if n > limit:
+                raise MessageTooLarge(queue, n, limit)
+            size += len(body)
         if self.nbytes + size > MAX_TRANSACTION_BYTES:
             raise TransactionError(
                 f"transaction {self.id!r} would hold more than {MAX_TRANSACTION_BYTES} bytes; "
                 f"commit in smaller transactions"
             )
         self.nbytes += size
-        out = self.sends.setdefault(queue, [])
-        for r in records:
+        now = self.engine.clock.now()
+        out = self.sends.get(queue)
+        if out is None:
+            out = self.sends[queue] = []
+        sid = None if source is None else source.id
+        for mid, key, headers, body in messages:
             unnamed = -1
-            if r[1] is None:
-                if source is not None:
+            if mid is None:
+                if sid is not None:
                     # a deterministic id: the same input and output index on every retry
-                    n = self.outputs_of.get(source.id, 0)
-                    self.outputs_of[source.id] = n + 1
-                    r = (r[0], f"{source.id}/{n}", r[2], r[3], r[4])
+                    n = self.outputs_of.get(sid, 0)
+                    self.outputs_of[sid] = n + 1
+                    mid = f"{sid}/{n}"
                 else:
                     unnamed = self.unnamed
                     self.unnamed += 1
-            out.append((r, unnamed))
+            out.append(((now, mid, key, headers, body), unnamed))
 
     def ack(self, msg: MessageBase) -> None:
-        self.check_open()
+        if self.state != "open":
+            self.check_open()
         if not isinstance(msg, MessageBase):
             raise TypeError(f"tx.ack() takes a received message, not {type(msg).__name__}")
-        if msg._engine is not self.engine:
+        ctx = msg._ctx
+        if ctx.engine is not self.engine:
             raise UsageError("tx.ack() takes messages received from the same broker")
-        self.acks.setdefault((msg._member, msg._epoch), []).append((msg.offset, msg.attempt))
-        self.inputs[msg.id] = None
+        key = (ctx.member, ctx.epoch)
+        receipts = self.acks.get(key)
+        if receipts is None:
+            receipts = self.acks[key] = []
+        receipts.append((msg.offset, msg.attempt))
+        self.inputs[(ctx.member, msg.offset)] = msg
 
     def submit(self) -> Ticket:
         """Hand the transaction to the engine; the Ticket completes once it is durable."""
         self.check_open()
         self.state = "committing"
         # with one input, outputs without an id derive theirs from it, as with source=
-        sole = next(iter(self.inputs)) if len(self.inputs) == 1 else None
+        sole = next(iter(self.inputs.values())).id if len(self.inputs) == 1 else None
         base = self.outputs_of.get(sole, 0) if sole is not None else 0
         sends: list[tuple[str, list[RecordTuple]]] = []
         for queue, items in self.sends.items():

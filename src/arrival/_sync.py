@@ -24,7 +24,7 @@ from arrival._common import (
     queue_spec,
     to_send,
 )
-from arrival.engine import DeadMessage, Engine
+from arrival.engine import DeadMessage, Engine, Send, Ticket
 from arrival.errors import (
     ClosedError,
     LeaseExpired,
@@ -345,10 +345,12 @@ class Outputs:
     """What a handler of ``Consumer.process`` sends with: outputs of the message it is
     given, committed with that message's ack, with deterministic ids."""
 
+    __slots__ = ("_items", "_source", "_tx")
+
     def __init__(self, tx: Transaction, source: Message) -> None:
         self._tx = tx
         self._source = source
-        self._items: list[tuple[str, bytes, str | None, Mapping[str, str] | None, str | None]] = []
+        self._items: list[tuple[str, Send]] = []
 
     def send(
         self,
@@ -359,12 +361,13 @@ class Outputs:
         headers: Mapping[str, str] | None = None,
         id: str | None = None,  # noqa: A002 - the SPEC's name
     ) -> None:
-        to_send(body, key, headers, id)  # check now, in the handler
-        self._items.append((queue, body, key, headers, id))
+        """Send ``body`` to ``queue`` when this message's transaction commits."""
+        self._items.append((queue, to_send(body, key, headers, id)))
 
     def _flush(self) -> None:
-        for queue, body, key, headers, mid in self._items:
-            self._tx.send(queue, body, key=key, headers=headers, id=mid, source=self._source)
+        core = self._tx._core
+        for queue, item in self._items:
+            core.add(queue, (item,), self._source)
 
 
 class Message(MessageBase):
@@ -485,6 +488,7 @@ class Consumer:
         limit: int | None = None,
         idle: float | None = None,
         stop: Callable[[], bool] | None = None,
+        on_commit: Callable[[list[Message]], None] | None = None,
     ) -> ProcessResult:
         """Consume in transactions: exactly-once consume-transform-produce.
 
@@ -501,7 +505,9 @@ class Consumer:
         loop: a newer holder of ``transactional_id`` took over.
 
         Runs until ``limit`` messages were handled, no message came for ``idle`` seconds,
-        ``stop()`` returns True, or the consumer is closed. Returns what it did.
+        ``stop()`` returns True, or the consumer is closed. ``on_commit(messages)`` is
+        called after each commit with the input messages it made final. Returns what it
+        did.
         """
         if batch < 1:
             raise UsageError(f"batch must be at least 1 message, not {batch}")
@@ -510,23 +516,42 @@ class Consumer:
         result = ProcessResult()
         engine = self._engine
         tx: Transaction | None = None
-        held = 0
+        batch_msgs: list[Message] = []  # handled, in ``tx``, not yet committed
+        # one commit may be in flight while the next batch is handled: its fsync overlaps
+        # that work. Commits complete in order, and a batch's acks already settled its
+        # messages in memory, so per-key order holds.
+        in_flight: tuple[Ticket, list[Message]] | None = None
         opened = last_seen = time.monotonic()
 
+        def settle_in_flight() -> None:
+            nonlocal in_flight
+            if in_flight is not None:
+                ticket, msgs = in_flight
+                in_flight = None
+                ticket.wait()  # a storage failure propagates: the broker stopped
+                result.committed += len(msgs)
+                if on_commit is not None:
+                    on_commit(msgs)
+
         def commit() -> None:
-            nonlocal tx, held
+            nonlocal tx, batch_msgs, in_flight
             assert tx is not None
+            current, msgs = tx, batch_msgs
+            tx, batch_msgs = None, []
+            settle_in_flight()
             try:
-                tx.commit()
-                result.committed += held
+                ticket = current._core.submit()
             except (LeaseExpired, TransactionTimedOut):
                 result.aborted += 1  # nothing took effect; the inputs are redelivered
-            finally:
-                tx, held = None, 0
+                return
+            in_flight = (ticket, msgs)
+            ticket.add_done_callback(lambda: current._core.finished(ticket._error is None))
 
         try:
             while True:
-                done = result.committed + result.failed + held
+                held = len(batch_msgs)
+                pending = len(in_flight[1]) if in_flight else 0
+                done = result.committed + result.failed + pending + held
                 if (stop is not None and stop()) or (limit is not None and done >= limit):
                     break
                 now = time.monotonic()
@@ -536,6 +561,7 @@ class Consumer:
                 if held:
                     wait = max(0.0, interval - (now - opened))
                 else:
+                    settle_in_flight()  # nothing to overlap it with
                     wait = 0.1 if stop is not None else 1.0
                     if idle is not None:
                         wait = min(wait, max(0.0, idle - (now - last_seen)))
@@ -547,7 +573,7 @@ class Consumer:
                     last_seen = time.monotonic()
                     if tx is None:
                         tx = Transaction(engine, transactional_id, timeout)
-                        opened, held = last_seen, 0
+                        opened = last_seen
                 for msg in msgs:
                     assert tx is not None
                     out = Outputs(tx, msg)
@@ -559,21 +585,22 @@ class Consumer:
                         continue
                     out._flush()
                     tx.ack(msg)
-                    held += 1
+                    batch_msgs.append(msg)
                 if tx is not None and (
-                    held >= batch or time.monotonic() - opened >= interval or not held
+                    len(batch_msgs) >= batch or time.monotonic() - opened >= interval
                 ):
-                    if held:
+                    if batch_msgs:
                         commit()
                     else:
                         tx.abort()
                         tx = None
         finally:
             if tx is not None:
-                if held and not engine.closed:
+                if batch_msgs and not engine.closed:
                     commit()
                 else:
                     tx.abort()
+            settle_in_flight()
         return result
 
     @staticmethod

@@ -31,7 +31,7 @@ from arrival._common import (
     to_send,
 )
 from arrival._sync import ProcessResult
-from arrival.engine import DeadMessage, Engine, Ticket
+from arrival.engine import DeadMessage, Engine, Send, Ticket
 from arrival.errors import ClosedError, LeaseExpired, TransactionTimedOut, UsageError
 from arrival.model import (
     Backoff,
@@ -308,10 +308,12 @@ class Transaction:
 class Outputs:
     """The async twin of ``arrival.Outputs``."""
 
+    __slots__ = ("_items", "_source", "_tx")
+
     def __init__(self, tx: Transaction, source: Message) -> None:
         self._tx = tx
         self._source = source
-        self._items: list[tuple[str, bytes, str | None, Mapping[str, str] | None, str | None]] = []
+        self._items: list[tuple[str, Send]] = []
 
     async def send(
         self,
@@ -322,12 +324,12 @@ class Outputs:
         headers: Mapping[str, str] | None = None,
         id: str | None = None,  # noqa: A002 - the SPEC's name
     ) -> None:
-        to_send(body, key, headers, id)
-        self._items.append((queue, body, key, headers, id))
+        self._items.append((queue, to_send(body, key, headers, id)))
 
-    async def _flush(self) -> None:
-        for queue, body, key, headers, mid in self._items:
-            await self._tx.send(queue, body, key=key, headers=headers, id=mid, source=self._source)
+    def _flush(self) -> None:
+        core = self._tx._core
+        for queue, item in self._items:
+            core.add(queue, (item,), self._source)
 
 
 class Message(MessageBase):
@@ -449,6 +451,7 @@ class Consumer:
         limit: int | None = None,
         idle: float | None = None,
         stop: Callable[[], bool] | None = None,
+        on_commit: Callable[[list[Message]], None] | None = None,
     ) -> ProcessResult:
         """See ``arrival.Consumer.process``; ``handler`` may be sync or async."""
         if batch < 1:
@@ -458,23 +461,39 @@ class Consumer:
         result = ProcessResult()
         engine = self._engine
         tx: Transaction | None = None
-        held = 0
+        batch_msgs: list[Message] = []
+        in_flight: tuple[Ticket, list[Message]] | None = None  # see arrival.Consumer.process
         opened = last_seen = time.monotonic()
 
+        async def settle_in_flight() -> None:
+            nonlocal in_flight
+            if in_flight is not None:
+                ticket, msgs = in_flight
+                in_flight = None
+                await _committed(ticket)
+                result.committed += len(msgs)
+                if on_commit is not None:
+                    on_commit(msgs)
+
         async def commit() -> None:
-            nonlocal tx, held
+            nonlocal tx, batch_msgs, in_flight
             assert tx is not None
+            current, msgs = tx, batch_msgs
+            tx, batch_msgs = None, []
+            await settle_in_flight()
             try:
-                await tx.commit()
-                result.committed += held
+                ticket = current._core.submit()
             except (LeaseExpired, TransactionTimedOut):
                 result.aborted += 1
-            finally:
-                tx, held = None, 0
+                return
+            in_flight = (ticket, msgs)
+            ticket.add_done_callback(lambda: current._core.finished(ticket._error is None))
 
         try:
             while True:
-                done = result.committed + result.failed + held
+                held = len(batch_msgs)
+                pending = len(in_flight[1]) if in_flight else 0
+                done = result.committed + result.failed + pending + held
                 if (stop is not None and stop()) or (limit is not None and done >= limit):
                     break
                 now = time.monotonic()
@@ -484,6 +503,7 @@ class Consumer:
                 if held:
                     wait = max(0.0, interval - (now - opened))
                 else:
+                    await settle_in_flight()
                     wait = 0.1 if stop is not None else 1.0
                     if idle is not None:
                         wait = min(wait, max(0.0, idle - (now - last_seen)))
@@ -495,7 +515,7 @@ class Consumer:
                     last_seen = time.monotonic()
                     if tx is None:
                         tx = Transaction(engine, transactional_id, timeout)
-                        opened, held = last_seen, 0
+                        opened = last_seen
                 for msg in msgs:
                     assert tx is not None
                     out = Outputs(tx, msg)
@@ -508,23 +528,24 @@ class Consumer:
                         with contextlib.suppress(LeaseExpired):
                             await msg.nack(error=f"{type(exc).__name__}: {exc}")
                         continue
-                    await out._flush()
+                    out._flush()
                     await tx.ack(msg)
-                    held += 1
+                    batch_msgs.append(msg)
                 if tx is not None and (
-                    held >= batch or time.monotonic() - opened >= interval or not held
+                    len(batch_msgs) >= batch or time.monotonic() - opened >= interval
                 ):
-                    if held:
+                    if batch_msgs:
                         await commit()
                     else:
                         await tx.abort()
                         tx = None
         finally:
             if tx is not None:
-                if held and not engine.closed:
+                if batch_msgs and not engine.closed:
                     await commit()
                 else:
                     await tx.abort()
+            await settle_in_flight()
         return result
 
     async def close(self) -> None:

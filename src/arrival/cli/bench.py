@@ -4,6 +4,13 @@ A run sends ``count`` messages of ``size`` bytes from producer threads (``send_b
 of ``batch`` messages each) while one consumer thread receives batches and acks them.
 Throughput is messages produced, delivered and acked per second, first send to last
 ack. Latency is per message, from the broker accepting it to the ack returning.
+
+Exactly-once runs a consume-transform-produce loop instead: ``consumers`` threads each run
+``Consumer.process`` on the input queue with their own transactional id, sending one
+output per input to a second exactly-once queue; each transaction commits up to
+``txn_batch`` inputs with their outputs (``txn_batch=1``: one transaction per message).
+Throughput is inputs committed per second; latency runs from the broker accepting an
+input to the commit of its output returning.
 """
 
 from __future__ import annotations
@@ -42,6 +49,9 @@ class BenchResult:
     p999_ms: float
     fsyncs: int
     commits: int
+    consumers: int = 1
+    txn_batch: int = 0  # exactly-once: inputs per transaction (0: not transactional)
+    transactions: int = 0
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -52,6 +62,8 @@ class _Consumed:
     count: int = 0
     latencies_s: list[float] = field(default_factory=list)
     error: BaseException | None = None
+    transactions: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
@@ -70,6 +82,8 @@ def run_bench(
     producers: int,
     url: str | None = None,
     progress: Progress | None = None,
+    consumers: int = 1,
+    txn_batch: int = 1000,
 ) -> BenchResult:
     """One run against a fresh data directory (or ``url``); see the module docstring."""
     own_dir = None
@@ -77,6 +91,8 @@ def run_bench(
         own_dir = tempfile.mkdtemp(prefix="arrival-bench-")
         url = own_dir
     try:
+        if guarantee == "exactly-once":
+            return _run_ctp(count, size, batch, producers, url, progress, consumers, txn_batch)
         return _run(guarantee, count, size, batch, producers, url, progress)
     finally:
         if own_dir is not None:
@@ -166,6 +182,97 @@ def _run(
         p999_ms=_percentile(lat, 0.999) * 1000,
         fsyncs=after.fsyncs - before.fsyncs,
         commits=after.commits - before.commits,
+    )
+
+
+def _run_ctp(
+    count: int,
+    size: int,
+    batch: int,
+    producers: int,
+    url: str,
+    progress: Progress | None,
+    consumers: int,
+    txn_batch: int,
+) -> BenchResult:
+    tag = f"{os.getpid()}-{time.monotonic_ns()}"
+    source, sink = f"bench-in-{tag}", f"bench-out-{tag}"
+    with arrival.connect(url) as broker:
+        broker.create_queue(source, "exactly-once")
+        broker.create_queue(sink, "exactly-once")
+        body = os.urandom(size)
+        before = broker.info()
+        per_producer = [count // producers + (i < count % producers) for i in range(producers)]
+        consumed = _Consumed()
+
+        def produce(n: int) -> None:
+            p = broker.producer()
+            left = n
+            while left > 0:
+                k = min(batch, left)
+                p.send_batch(source, [body] * k)
+                left -= k
+
+        def handle(msg: arrival.Message, out: arrival.Outputs) -> None:
+            out.send(sink, msg.body)
+
+        def committed(msgs: list[arrival.Message]) -> None:
+            now = time.time()
+            with consumed.lock:
+                consumed.latencies_s.extend([now - m.timestamp for m in msgs])
+                consumed.count += len(msgs)
+                consumed.transactions += 1
+            if progress is not None:
+                progress(len(msgs))
+
+        def process(i: int) -> None:
+            try:
+                with broker.consumer(source, "bench") as c:
+                    c.process(
+                        handle,
+                        transactional_id=f"bench-{tag}-{i}",
+                        batch=txn_batch,
+                        interval=0.1,
+                        stop=lambda: consumed.count >= count,
+                        on_commit=committed,
+                    )
+            except BaseException as exc:  # noqa: BLE001 - reported by the caller
+                consumed.error = exc
+
+        cs = [threading.Thread(target=process, args=(i,)) for i in range(consumers)]
+        ps = [threading.Thread(target=produce, args=(n,)) for n in per_producer]
+        start = time.perf_counter()
+        for t in (*cs, *ps):
+            t.start()
+        for t in (*ps, *cs):
+            t.join()
+        seconds = time.perf_counter() - start
+        if consumed.error is not None:
+            raise consumed.error
+        after = broker.info()
+        outputs = broker.stats(sink).sent
+    if outputs != count:
+        raise RuntimeError(f"exactly-once bench: {count} inputs gave {outputs} outputs")
+    lat = sorted(consumed.latencies_s)
+    return BenchResult(
+        guarantee="exactly-once",
+        messages=count,
+        size_bytes=size,
+        batch=batch,
+        producers=producers,
+        seconds=seconds,
+        throughput=consumed.count / seconds if seconds > 0 else 0.0,
+        delivered=consumed.count,
+        dropped=0,
+        p50_ms=_percentile(lat, 0.50) * 1000,
+        p90_ms=_percentile(lat, 0.90) * 1000,
+        p99_ms=_percentile(lat, 0.99) * 1000,
+        p999_ms=_percentile(lat, 0.999) * 1000,
+        fsyncs=after.fsyncs - before.fsyncs,
+        commits=after.commits - before.commits,
+        consumers=consumers,
+        txn_batch=txn_batch,
+        transactions=consumed.transactions,
     )
 
 

@@ -27,7 +27,14 @@ def run_demo(console: Console, data: str | None = None) -> dict[str, int]:
 
 
 def _demo(console: Console, path: str) -> dict[str, int]:
-    out = {"redelivered": 0, "dead_lettered": 0, "replayed": 0, "positions": 0}
+    out = {
+        "redelivered": 0,
+        "dead_lettered": 0,
+        "replayed": 0,
+        "positions": 0,
+        "payments_stored": 0,
+        "ledger_entries": 0,
+    }
     console.rule("[bold]arrival demo[/] — embedded engine, no server")
     console.print(f"data directory: [cyan]{path}[/]\n")
     with arrival.connect(path) as broker:
@@ -107,6 +114,38 @@ def _demo(console: Console, path: str) -> dict[str, int]:
             f"  900 updates sent, {len(positions)} delivered: "
             + ", ".join(m.body.decode() for m in positions)
         )
+
+        console.print("\n[bold]7.[/] exactly-once: a retried send is stored once, and a")
+        console.print("   transaction commits a ledger entry together with the payment's ack")
+        broker.create_queue("payments", guarantee="exactly-once")
+        broker.create_queue("ledger", guarantee="exactly-once")
+        checkout = broker.producer(id="checkout")
+        first = checkout.send("payments", b'{"cents": 1250}', key="alice", id="pay-1")
+        again = checkout.send("payments", b'{"cents": 1250}', key="alice", id="pay-1")
+        out["payments_stored"] = broker.stats("payments").sent
+        console.print(
+            f"  pay-1 sent twice: offsets {first} and {again}, "
+            f"{out['payments_stored']} stored"
+        )
+        payments = broker.consumer("payments", group="billing")
+        msg = payments.receive(timeout=2.0)
+        if msg is not None:
+            with broker.transaction("billing-1") as tx:
+                tx.send("ledger", b'{"alice": -1250}')
+                tx.abort()
+            console.print("  transaction aborted: [yellow]no ledger entry, payment not acked[/]")
+            msg.release()
+            msg = payments.receive(timeout=2.0)
+        if msg is not None:
+            with broker.transaction("billing-1") as tx:
+                tx.send("ledger", b'{"alice": -1250}')
+                tx.ack(msg)
+            entries = broker.consumer("ledger", group="books").receive_batch(10, timeout=1.0)
+            out["ledger_entries"] = len(entries)
+            console.print(
+                f"  committed on attempt {msg.attempt}: [green]{len(entries)} ledger entry[/] "
+                f"({entries[0].id if entries else '-'}) and the ack, together"
+            )
         info = broker.info()
         console.print(f"\n{info.fsyncs} fsyncs for {info.commits} commits. Done.")
     return out

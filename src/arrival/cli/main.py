@@ -54,12 +54,22 @@ def demo(
 def bench(
     guarantee: Annotated[
         list[str] | None,
-        typer.Option("--guarantee", "-g", help="at-most-once / at-least-once (repeatable)"),
+        typer.Option(
+            "--guarantee",
+            "-g",
+            help="at-most-once / at-least-once / exactly-once (repeatable; default: all)",
+        ),
     ] = None,
     count: Annotated[int, typer.Option(help="messages per run")] = 200_000,
     size: Annotated[int, typer.Option(help="body size in bytes")] = 100,
     batch: Annotated[int, typer.Option(help="messages per send_batch / receive_batch")] = 1000,
     producers: Annotated[int, typer.Option(help="producer threads")] = 1,
+    consumers: Annotated[
+        int, typer.Option(help="exactly-once: processing threads, one transactional id each")
+    ] = 1,
+    txn_batch: Annotated[
+        int, typer.Option(help="exactly-once: inputs per transaction (1: one per message)")
+    ] = 1000,
     runs: Annotated[int, typer.Option(help="runs per guarantee; the median is reported")] = 3,
     url: Annotated[
         str | None, typer.Option("--url", help="data directory (default: a fresh temp dir)")
@@ -69,7 +79,7 @@ def bench(
     """Measure end-to-end throughput and latency per guarantee (embedded engine)."""
     from arrival.cli.bench import BenchResult, environment, run_bench, summarize
 
-    guarantees = guarantee or ["at-most-once", "at-least-once"]
+    guarantees = guarantee or ["at-most-once", "at-least-once", "exactly-once"]
     results: dict[str, dict[str, object]] = {}
     for g in guarantees:
         runs_done: list[BenchResult] = []
@@ -96,6 +106,8 @@ def bench(
                         producers=producers,
                         url=url,
                         progress=advance,
+                        consumers=consumers,
+                        txn_batch=txn_batch,
                     )
                 )
         results[g] = summarize(runs_done)
@@ -113,11 +125,17 @@ def bench(
         "delivered",
         "dropped",
         "fsyncs",
+        "txn/s",
     ):
         table.add_column(col, justify="right" if col != "guarantee" else "left")
     for g, r in results.items():
+        seconds = float(r["seconds"])  # type: ignore[arg-type]
+        txns = int(r["transactions"])  # type: ignore[call-overload]
+        label = g
+        if r["txn_batch"]:
+            label += f" ({r['txn_batch']}/txn, {r['consumers']} thr)"
         table.add_row(
-            g,
+            label,
             f"{r['throughput']:,.0f}",
             f"{r['p50_ms']:.2f}",
             f"{r['p99_ms']:.2f}",
@@ -125,8 +143,9 @@ def bench(
             f"{r['delivered']:,}",
             f"{r['dropped']:,}",
             f"{r['fsyncs']:,}",
+            f"{txns / seconds:,.0f}" if txns and seconds > 0 else "-",
         )
-    Console(width=max(out.width, 110)).print(table)  # wide enough to truncate no figure
+    Console(width=max(out.width, 120)).print(table)  # wide enough to truncate no figure
 
 
 @queues_app.command("list")
@@ -164,6 +183,12 @@ def queues_create(
     capacity: Annotated[int | None, typer.Option()] = None,
     drop: Annotated[str | None, typer.Option()] = None,
     conflate: Annotated[bool, typer.Option("--conflate")] = False,
+    dedup: Annotated[
+        bool, typer.Option("--dedup", help="store each message id once (always on exactly-once)")
+    ] = False,
+    dedup_window: Annotated[
+        float | None, typer.Option(help="seconds to remember message ids, at least")
+    ] = None,
     url: Url = "./data",
 ) -> None:
     """Declare a queue (a no-op if it exists with the same settings)."""
@@ -174,6 +199,8 @@ def queues_create(
         "capacity": capacity,
         "drop": drop,
         "conflate": conflate or None,
+        "dedup": dedup or None,
+        "dedup_window": dedup_window,
     }
     given = {k: v for k, v in options.items() if v is not None}
     with _connect(url) as broker:
