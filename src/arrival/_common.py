@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import random
 import threading
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -220,18 +219,23 @@ class MessageBase:
 
 
 class ProducerCore:
-    """An idempotent producer's identity and sequence numbers, shared by both APIs.
+    """A producer's identity and sequence numbers, shared by both APIs.
 
-    Durable sends carry (id, epoch, sequence): a retry of the same sequence gets its
-    original result. Sequences reach the engine in the order they are numbered (the lock
-    spans numbering and queueing), so concurrent threads sharing a producer never make
-    a gap. At-most-once sends carry none: they are never retried.
+    A producer with an id is idempotent: its durable sends carry (id, epoch, sequence), a
+    retry of a stored sequence gets its original result, and opening the id again fences
+    the older holder. Sequences reach the engine in the order they are numbered (the lock
+    spans numbering and queueing), so threads sharing a producer never make a gap.
+    At-most-once sends carry none: they are never retried.
+
+    An anonymous producer sends without sequence numbers. In-process sends have no
+    retry path for them to cover, and broker-side state for every short-lived producer
+    (one per web request, say) would grow without bound for the state's whole horizon.
     """
 
     def __init__(self, engine: Engine, producer_id: str | None) -> None:
         self.engine = engine
-        self.id = producer_id or f"producer-{uuid.uuid4().hex}"
-        self.epoch = engine.register_producer(self.id) if producer_id else 0
+        self.id = producer_id
+        self.epoch = engine.register_producer(producer_id) if producer_id is not None else 0
         self.seq = 0
         self._lock = threading.Lock()
 
@@ -239,14 +243,12 @@ class ProducerCore:
         self, queue: str, messages: Sequence[Send] | None, bodies: list[bytes] | None = None
     ) -> Ticket | None:
         engine = self.engine
-        if not engine.is_durable(queue):
+        if self.id is None or not engine.is_durable(queue):
             if bodies is not None:
                 return engine.send_bodies(queue, bodies)
             assert messages is not None
             return engine.send(queue, messages)
         with self._lock:
-            if not self.epoch:
-                self.epoch = engine.register_producer(self.id)
             seq: ProducerSeq = (self.id, self.epoch, self.seq + 1)
             if bodies is not None:
                 ticket = engine.send_bodies(queue, bodies, seq)

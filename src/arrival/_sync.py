@@ -165,11 +165,12 @@ class Broker:
         return self._engine.stats(queue)
 
     def producer(self, id: str | None = None) -> Producer:  # noqa: A002 - like Envelope.id
-        """A producer. Sends to durable queues are idempotent: each carries the producer's
-        id, epoch and a sequence number, so a retry never stores a message twice.
-
-        Give ``id`` to keep one identity across restarts: opening the same id again fences
-        the earlier holder (its next send raises ProducerFenced)."""
+        """A producer. With an ``id``, its sends to durable queues are idempotent: each
+        carries the id, an epoch and a sequence number, so a retried send is never stored
+        twice, and opening the same id again fences the earlier holder (its next send
+        raises ProducerFenced). The broker keeps a named producer's state for the
+        producer horizon (7 days) after its last send. On exactly-once queues, message
+        ids deduplicate sends from any producer."""
         return Producer(self._engine, id)
 
     def transaction(
@@ -200,8 +201,8 @@ class Broker:
 
 
 class Producer:
-    """Sends messages. On durable queues ``send`` returns once the message is fsynced, and
-    sends are idempotent (id, epoch, sequence); on at-most-once queues it returns at once
+    """Sends messages. On durable queues ``send`` returns once the message is fsynced (and a
+    producer with an id sends idempotently); on at-most-once queues it returns at once
     (fire and forget)."""
 
     def __init__(self, engine: Engine, producer_id: str | None = None) -> None:
@@ -218,7 +219,8 @@ class Producer:
         self.close()
 
     @property
-    def id(self) -> str:
+    def id(self) -> str | None:
+        """The producer's id; None for an anonymous producer."""
         return self._core.id
 
     def send(

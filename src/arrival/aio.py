@@ -212,7 +212,7 @@ class Producer:
         await self.close()
 
     @property
-    def id(self) -> str:
+    def id(self) -> str | None:
         return self._core.id
 
     async def send(

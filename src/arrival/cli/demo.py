@@ -124,8 +124,7 @@ def _demo(console: Console, path: str) -> dict[str, int]:
         again = checkout.send("payments", b'{"cents": 1250}', key="alice", id="pay-1")
         out["payments_stored"] = broker.stats("payments").sent
         console.print(
-            f"  pay-1 sent twice: offsets {first} and {again}, "
-            f"{out['payments_stored']} stored"
+            f"  pay-1 sent twice: offsets {first} and {again}, {out['payments_stored']} stored"
         )
         payments = broker.consumer("payments", group="billing")
         msg = payments.receive(timeout=2.0)

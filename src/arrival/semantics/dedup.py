@@ -29,7 +29,7 @@ from arrival.errors import DedupHorizonPassed, ProducerFenced, SequenceError, St
 
 __all__ = ["RECENT", "Duplicate", "IdIndex", "ProducerState", "ProducerTable"]
 
-RECENT = 256
+RECENT = 64
 """Sends per producer whose results are remembered: a client pipelines at most this many
 unconfirmed sends, so every retry it can make finds its original result."""
 
