@@ -84,3 +84,23 @@ def drain(consumer: arrival.Consumer, ack: bool = True) -> list[arrival.Message]
 
 def bodies(msgs: list[arrival.Message]) -> list[bytes]:
     return [m.body for m in msgs]
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[object]:
+    """A real PostgreSQL server (tests/postgres.py) for the session, stopped at its end.
+    Without server binaries: skipped locally, failed under CI (``$CI`` set)."""
+    import os
+
+    from postgres import PostgresServer, Unavailable
+
+    try:
+        server = PostgresServer.start()
+    except Unavailable as e:
+        if os.environ.get("CI"):
+            pytest.fail(f"{e} (CI is set: the PostgreSQL tests must run there)", pytrace=False)
+        pytest.skip(str(e))
+    try:
+        yield server
+    finally:
+        server.stop()

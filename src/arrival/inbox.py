@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import re
 import time
 from collections.abc import Iterator
@@ -46,12 +47,14 @@ class _Received(Protocol):
 
 
 class _Adapter:
-    """One database API: qmark or format parameters, how to begin, commit and roll back."""
+    """One database API: parameters, how to create the table, begin, commit, roll back."""
 
     def __init__(self, conn: Any, table: str) -> None:
         self.conn = conn
-        self.table = table
-        self.ready = False
+        # a plain identifier (checked), quoted so that keywords work, and lowercased so
+        # that it means what the same name unquoted means on PostgreSQL
+        self.table = f'"{table.lower()}"'
+        self.ready = False  # the table is known to exist in committed state
 
     def schema(self) -> str:
         return (
@@ -61,7 +64,6 @@ class _Adapter:
         )
 
     def insert(self) -> str:
-        # the table name was checked to be a plain identifier
         values = f"({self.param(0)}, {self.param(1)}, {self.param(2)})"
         return f"INSERT INTO {self.table} (consumer, message_id, seen_at) VALUES {values} ON CONFLICT DO NOTHING"  # noqa: E501, S608
 
@@ -74,8 +76,13 @@ class _Adapter:
     def execute(self, sql: str, params: tuple[Any, ...]) -> int:
         raise NotImplementedError
 
-    def ensure_table(self) -> None:
+    def ensure_table(self) -> bool:
+        """Create the table if needed; True if it is committed (not only in the caller's
+        open transaction, which may still roll it back)."""
         raise NotImplementedError
+
+    def check(self) -> None:
+        """Refuse a connection whose statements cannot share one transaction."""
 
     def begin(self) -> None:
         """Make sure a transaction is open, so the record and the effect share it."""
@@ -91,8 +98,10 @@ class _Sqlite3(_Adapter):
     def execute(self, sql: str, params: tuple[Any, ...]) -> int:
         return int(self.conn.execute(sql, params).rowcount)
 
-    def ensure_table(self) -> None:
-        self.conn.execute(self.schema())
+    def ensure_table(self) -> bool:
+        outside = not self.conn.in_transaction
+        self.conn.execute(self.schema())  # DDL outside a transaction commits at once
+        return outside
 
     def begin(self) -> None:
         if not self.conn.in_transaction:
@@ -106,19 +115,23 @@ class _Psycopg(_Adapter):
     def execute(self, sql: str, params: tuple[Any, ...]) -> int:
         return int(self.conn.execute(sql, params).rowcount)
 
-    def ensure_table(self) -> None:
+    def ensure_table(self) -> bool:
         import psycopg
+        from psycopg.pq import TransactionStatus
 
+        outside = bool(self.conn.info.transaction_status == TransactionStatus.IDLE)
         for attempt in range(2):
             try:
-                with self.conn.transaction():  # a savepoint inside the caller's transaction
+                # outside a transaction this commits; inside, it is a savepoint
+                with self.conn.transaction():
                     self.conn.execute(self.schema())
-                return
+                return outside
             except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateTable):
                 if attempt:  # two sessions created it at once; it exists now
                     raise
+        return outside  # pragma: no cover - the loop returns or raises
 
-    def begin(self) -> None:
+    def check(self) -> None:
         if self.conn.autocommit:
             raise UsageError(
                 "the psycopg connection is in autocommit mode, so the inbox record and the "
@@ -127,17 +140,17 @@ class _Psycopg(_Adapter):
 
 
 class _SqlAlchemy(_Adapter):
-    def param(self, i: int) -> str:
-        return f":p{i}"
-
     def __init__(self, conn: Any, table: str) -> None:
         super().__init__(conn, table)
         bind = conn.get_bind() if hasattr(conn, "get_bind") else conn.engine
-        dialect = bind.dialect.name
-        if dialect not in ("sqlite", "postgresql"):
+        self.dialect = bind.dialect.name
+        if self.dialect not in ("sqlite", "postgresql"):
             raise NotSupported(
-                f"the inbox supports SQLite and PostgreSQL through SQLAlchemy, not {dialect!r}"
+                f"the inbox supports SQLite and PostgreSQL through SQLAlchemy, not {self.dialect!r}"
             )
+
+    def param(self, i: int) -> str:
+        return f":p{i}"
 
     def execute(self, sql: str, params: tuple[Any, ...]) -> int:
         from sqlalchemy import text
@@ -145,23 +158,58 @@ class _SqlAlchemy(_Adapter):
         result = self.conn.execute(text(sql), {f"p{i}": v for i, v in enumerate(params)})
         return int(getattr(result, "rowcount", 0) or 0)
 
-    def ensure_table(self) -> None:
+    def ensure_table(self) -> bool:
         from sqlalchemy import text
+        from sqlalchemy.exc import IntegrityError, ProgrammingError
 
-        self.conn.execute(text(self.schema()))
+        outside = not self.conn.in_transaction()
+        if self.dialect != "postgresql":
+            self.conn.execute(text(self.schema()))
+        else:
+            for attempt in range(2):
+                try:
+                    with self.conn.begin_nested():  # a savepoint: a race leaves no damage
+                        self.conn.execute(text(self.schema()))
+                    break
+                except (IntegrityError, ProgrammingError):
+                    if attempt:  # two sessions created it at once; it exists now
+                        raise
+        if outside:
+            self.conn.commit()  # nothing of the caller's was pending: make the table stay
+        return outside
+
+    def check(self) -> None:
+        conn = self.conn.connection() if hasattr(self.conn, "get_bind") else self.conn
+        if conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT" or (
+            conn.get_isolation_level() == "AUTOCOMMIT"
+        ):
+            raise UsageError(
+                "the SQLAlchemy connection is in AUTOCOMMIT mode, so the inbox record and "
+                "the effect cannot share a transaction; use a transactional connection"
+            )
 
 
 def _adapter(conn: Any, table: str) -> _Adapter:
     module = type(conn).__module__
     if module.startswith("sqlite3"):
-        return _Sqlite3(conn, table)
-    if module.startswith("psycopg"):
-        return _Psycopg(conn, table)
-    if module.startswith("sqlalchemy"):
-        return _SqlAlchemy(conn, table)
+        import sqlite3
+
+        if isinstance(conn, sqlite3.Connection):
+            return _Sqlite3(conn, table)
+    elif module.startswith("psycopg"):
+        import psycopg
+
+        if isinstance(conn, psycopg.Connection):
+            return _Psycopg(conn, table)
+    elif module.startswith("sqlalchemy"):
+        from sqlalchemy.engine import Connection
+        from sqlalchemy.orm import Session
+
+        if isinstance(conn, (Session, Connection)):
+            return _SqlAlchemy(conn, table)
     raise NotSupported(
-        f"the inbox takes a sqlite3 connection, a psycopg connection or a SQLAlchemy "
-        f"Session/Connection, not {type(conn).__module__}.{type(conn).__name__}"
+        f"the inbox takes a sqlite3 connection, a (synchronous) psycopg connection or a "
+        f"SQLAlchemy Session/Connection, not {type(conn).__module__}.{type(conn).__name__}"
     )
 
 
@@ -179,12 +227,14 @@ class Inbox:
 
     def _ready(self) -> None:
         if not self._db.ready:
-            self._db.ensure_table()
-            self._db.ready = True
+            # created inside the caller's transaction, the table is only known to stay
+            # once that commits: until then every call makes sure again (cheap)
+            self._db.ready = self._db.ensure_table()
 
     def record(self, msg: _Received) -> bool:
         """Record ``msg`` in the caller's open transaction; True if it is fresh (not
         recorded before for its queue and group). The caller commits or rolls back."""
+        self._db.check()
         self._ready()
         self._db.begin()
         consumer = f"{msg.queue}/{msg.group}"
@@ -212,6 +262,7 @@ class Inbox:
             self._db.rollback()
             raise
         self._db.commit()
+        self._db.ready = True
         if ack:
             msg.ack()
 
@@ -220,10 +271,16 @@ class Inbox:
 
         Keep records longer than a message can be redelivered: the queue's dedup window
         (7 days by default) is a safe choice."""
-        if not isinstance(older_than, (int, float)) or older_than < 0:
+        if (
+            not isinstance(older_than, (int, float))
+            or isinstance(older_than, bool)
+            or not math.isfinite(older_than)
+            or older_than < 0
+        ):
             raise UsageError(f"older_than must be a number of seconds >= 0, not {older_than!r}")
-        self._ready()
         db = self._db
+        db.check()
+        self._ready()
         db.begin()
         n = db.execute(db.delete_before(), (time.time() - older_than,))
         db.commit()
