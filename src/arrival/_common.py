@@ -15,7 +15,13 @@ from typing import Any
 from arrival._clock import Clock
 from arrival._codec import RecordTuple
 from arrival.engine import Engine, ProducerSeq, Send, Ticket, TxnAcks
-from arrival.errors import MessageTooLarge, NotSupported, TransactionError, UsageError
+from arrival.errors import (
+    DedupHorizonPassed,
+    MessageTooLarge,
+    NotSupported,
+    TransactionError,
+    UsageError,
+)
 from arrival.model import QueueSpec
 from arrival.semantics.spec import UNSET, resolve_spec
 from arrival.storage.base import Storage
@@ -249,14 +255,26 @@ class ProducerCore:
             assert messages is not None
             return engine.send(queue, messages)
         with self._lock:
-            seq: ProducerSeq = (self.id, self.epoch, self.seq + 1)
-            if bodies is not None:
-                ticket = engine.send_bodies(queue, bodies, seq)
-            else:
-                assert messages is not None
-                ticket = engine.send(queue, messages, seq)
+            try:
+                ticket = self._send(queue, messages, bodies)
+            except DedupHorizonPassed:
+                # idle past the horizon, the broker forgot this producer. This send is a
+                # first attempt (in-process sends are never retried), so open a new epoch
+                self.epoch = engine.register_producer(self.id)
+                self.seq = 0
+                ticket = self._send(queue, messages, bodies)
             self.seq += 1
         return ticket
+
+    def _send(
+        self, queue: str, messages: Sequence[Send] | None, bodies: list[bytes] | None
+    ) -> Ticket | None:
+        assert self.id is not None
+        seq: ProducerSeq = (self.id, self.epoch, self.seq + 1)
+        if bodies is not None:
+            return self.engine.send_bodies(queue, bodies, seq)
+        assert messages is not None
+        return self.engine.send(queue, messages, seq)
 
 
 class TransactionCore:

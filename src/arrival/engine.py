@@ -25,6 +25,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import random
+import re
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
@@ -78,6 +79,7 @@ CACHE_MESSAGES = 262_144  # decoded messages kept in memory; older batches are r
 FLOOR_TICK_S = 1.0  # retention is kept to this precision; bounds floor_times to one per s
 HOUSEKEEPING_S = 0.25  # how often the writer expires leases and trims when idle
 DEDUP_EXPIRY_S = 1.0  # how often idle producers and old message ids are forgotten
+META_PRODUCERS_EXPIRED = "producers-expired-max"  # highest epoch of a forgotten producer
 
 # provenance headers of dead-lettered messages
 H_ORIGIN_QUEUE = "arrival-origin-queue"
@@ -106,6 +108,7 @@ TxnAcks = list[tuple[int, int, list[tuple[int, int]]]]
 """(member, broker epoch, [(offset, attempt)]) of the deliveries a transaction acks."""
 
 _ticket_lock = threading.Lock()
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,199}")  # producer and transactional ids
 
 
 class Ticket:
@@ -322,14 +325,16 @@ class Engine:
         self._closing = False
         self._closed = False
         self._abandon = False
-        self._producers = ProducerTable(producer_horizon_s)
         self._next_dedup_expiry = 0.0
         loaded = storage.load()
         try:
             self.epoch = int(loaded.meta.get("epoch", b"0")) + 1
             self._txns = TransactionTable(self.epoch)
+            self._producers = ProducerTable(producer_horizon_s, self.epoch)
             self._restore(loaded.specs, loaded.batches, loaded.groups, loaded.meta)
-            self._producers.restore(loaded.producers)
+            self._producers.restore(
+                loaded.producers, int(loaded.meta.get(META_PRODUCERS_EXPIRED, b"0"))
+            )
             for name, rows in loaded.ids.items():
                 iq = self._queues.get(name)
                 if iq is not None and iq.ids is not None:
@@ -629,7 +634,11 @@ class Engine:
 
     def register_producer(self, producer: str) -> int:
         """Open a new incarnation of ``producer``; returns its epoch, fencing earlier ones."""
-        validate_queue_name(producer)
+        if not isinstance(producer, str) or not _ID.fullmatch(producer):
+            raise UsageError(
+                f"a producer id is 1-200 characters of letters, digits, '.', '_', ':' and "
+                f"'-', starting with a letter or digit; not {producer!r}"
+            )
         with self._lock:
             self._check_open()
             return self._producers.register(producer, self.clock.now())
@@ -640,8 +649,9 @@ class Engine:
         queue = q.name
         if not records:
             raise UsageError("send needs at least one message")
-        # encode outside the lock: concurrent producers encode in parallel with commits
-        data = encode_batch(records) if q.lossy is None and q.ids is None else None
+        # encode outside the lock (concurrent producers encode in parallel with commits),
+        # and before any state changes: a message that can't be encoded changes nothing
+        data = encode_batch(records) if q.lossy is None else None
         with self._lock:
             self._check_open()
             if self._queues.get(queue) is not q:
@@ -889,7 +899,11 @@ class Engine:
 
     def begin_transaction(self, tid: str) -> tuple[int, int]:
         """Open transactional id ``tid``; the returned epoch fences every earlier holder."""
-        validate_queue_name(tid)
+        if not isinstance(tid, str) or not _ID.fullmatch(tid):
+            raise UsageError(
+                f"a transactional id is 1-200 characters of letters, digits, '.', '_', ':' "
+                f"and '-', starting with a letter or digit; not {tid!r}"
+            )
         with self._lock:
             self._check_open()
             return self._txns.begin(tid)
@@ -915,12 +929,20 @@ class Engine:
         The Ticket completes once the commit is durable; messages sent to at-most-once
         queues are handed out only then.
         """
+        # encode every durable batch before anything changes: all or nothing
+        encoded = [
+            (
+                self._queue(name),
+                records,
+                None if not self.is_durable(name) else encode_batch(records),
+            )
+            for name, records in sends
+        ]
         with self._lock:
             self._check_open()
             now = self.clock.now()
             try:
                 self._txns.check(tid, epoch, started, timeout, now)
-                queues = [(self._queue(name), records) for name, records in sends]
                 by_member: dict[tuple[int, int], dict[tuple[int, int], None]] = {}
                 for member_id, m_epoch, receipts in acks:
                     by_member.setdefault((member_id, m_epoch), {}).update(dict.fromkeys(receipts))
@@ -938,11 +960,11 @@ class Engine:
                 self._txns.end(tid, epoch)
                 raise
             lossy: list[tuple[_Queue, list[RecordTuple]]] = []
-            for q, records in queues:
+            for q, records, data in encoded:
                 if q.lossy is not None:
                     lossy.append((q, records))
                 else:
-                    self._append_dedup(q, records)
+                    self._append_dedup(q, records, data)
             for member_id, st, receipts in targets:
                 st.ack_many(receipts)
                 self._members[member_id].acked += len(receipts)
@@ -1142,7 +1164,12 @@ class Engine:
                 records.append((now, d.id, d.key, h, d.body))
                 s.settle_unleased(d.offset)
             self._mark_dirty((dlq, g))
-            return chosen, self._append(origin, records)
+            ticket = self._append(origin, records)
+            if origin.ids is not None:  # the copy is retained: its id keeps deduplicating
+                for off, r in enumerate(records, ticket.result):
+                    if r[1] is not None:
+                        origin.ids.add(r[1], off, now)
+            return chosen, ticket
 
     def purge_dead_letters(
         self, queue: str, where: Callable[[DeadMessage], bool] | None = None
@@ -1234,6 +1261,9 @@ class Engine:
                         ws.id_trims[q.name] = trim
         if self._producers.dirty:
             ws.producers = self._producers.drain()
+        if self._producers.expired_max_dirty:
+            ws.meta[META_PRODUCERS_EXPIRED] = str(self._producers.expired_max).encode()
+            self._producers.expired_max_dirty = False
         for q in self._queues.values():
             if q.ids is not None and q.ids.added:
                 ws.ids.extend((q.name, mid, off, ts) for mid, off, ts in q.ids.drain())
@@ -1289,6 +1319,9 @@ class Engine:
                     self._failure = error
                     failed = list(self._pending)
                     self._pending = []
+                    # barriers taken while this commit ran wait for a commit that won't come
+                    tickets.extend(self._barriers)
+                    self._barriers = []
                 else:
                     failed = []
                     for q, first, records, _t in published:
@@ -1344,10 +1377,13 @@ class Engine:
         with self._lock:
             self._closed = True
             failed, self._pending = self._pending, []
+            barriers, self._barriers = self._barriers, []
         error = StorageError("the broker crashed before this write was committed")
         for *_, ticket in failed:
             if ticket is not None:
                 ticket._finish(error)
+        for ticket in barriers:
+            ticket._finish(error)
         self.storage.close()
 
     @property

@@ -554,3 +554,206 @@ TestStoresAgree.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+
+
+# -- dedup state: producer states and message ids ------------------------------------------
+
+
+def test_a_write_set_of_dedup_state_alone_is_not_empty() -> None:
+    # the engine skips empty write sets: dedup-only changes must still be committed
+    assert WriteSet(producers={"p": None})
+    assert WriteSet(ids=[("q", "a", 0, 1.0)])
+    assert WriteSet(id_trims={"q": (1.0, 1)})
+
+
+def test_fresh_store_loads_no_dedup_state(harness: Harness) -> None:
+    _store, loaded = harness.open()
+    assert loaded.producers == {}
+    assert loaded.ids == {}
+
+
+def test_producer_states_survive_reopen_and_none_deletes_them(harness: Harness) -> None:
+    store, _ = harness.open()
+    store.commit(WriteSet(producers={"p1": b"s1", "p2": b"s2", "p3": b"\x00\xff"}))
+    store.commit(WriteSet(producers={"p1": None, "p2": b"s2 v2", "never-stored": None}))
+    store, loaded = harness.reopen(store)
+    assert loaded.producers == {"p2": b"s2 v2", "p3": b"\x00\xff"}
+    assert [type(v) for v in loaded.producers.values()] == [bytes, bytes]
+    store.commit(WriteSet(producers={"p1": b"back"}, sync=False))
+    _store, loaded = harness.reopen(store)
+    assert loaded.producers == {"p1": b"back", "p2": b"s2 v2", "p3": b"\x00\xff"}
+
+
+def test_message_ids_load_per_queue_ordered_by_time_then_offset(harness: Harness) -> None:
+    store, _ = harness.open()
+    store.commit(
+        WriteSet(
+            ids=[
+                ("q", "b", 1, 10.5),
+                ("q", "a", 0, 10.0),
+                ("r", "a", 0, 3.25),
+                ("q", "y", 5, 20.0),
+                ("q", "x", 4, 20.0),  # same time: the lower offset first
+            ]
+        )
+    )
+    store.commit(WriteSet(ids=[("q", "c", 2, 11.0)]))
+    _store, loaded = harness.reopen(store)
+    assert loaded.ids == {
+        "q": [("a", 0, 10.0), ("b", 1, 10.5), ("c", 2, 11.0), ("x", 4, 20.0), ("y", 5, 20.0)],
+        "r": [("a", 0, 3.25)],
+    }
+    mid, off, ts = loaded.ids["q"][0]
+    assert (type(mid), type(off), type(ts)) == (str, int, float)
+
+
+def test_message_id_timestamps_round_trip_exactly(harness: Harness) -> None:
+    stamps = [1_700_000_000.0, 1_700_000_000.123456789, 0.1 + 0.2, 5e-324, 2.0**52 + 0.5]
+    store, _ = harness.open()
+    store.commit(WriteSet(ids=[("q", f"id{i}", i, ts) for i, ts in enumerate(stamps)]))
+    _store, loaded = harness.reopen(store)
+    assert sorted(ts for _mid, _off, ts in loaded.ids["q"]) == sorted(stamps)
+
+
+def test_an_id_stored_again_replaces_its_earlier_row(harness: Harness) -> None:
+    store, _ = harness.open()
+    store.commit(WriteSet(ids=[("q", "a", 0, 1.0), ("r", "a", 9, 1.0)]))
+    store.commit(WriteSet(ids=[("q", "a", 7, 50.0)]))  # stored again after it expired
+    _store, loaded = harness.reopen(store)
+    assert loaded.ids == {"q": [("a", 7, 50.0)], "r": [("a", 9, 1.0)]}
+
+
+def test_id_trims_forget_ids_at_or_before_a_time_and_below_an_offset(harness: Harness) -> None:
+    store, _ = harness.open()
+    rows = [("a", 0, 1.0), ("b", 1, 2.0), ("c", 2, 3.0), ("d", 3, 4.0)]
+    store.commit(WriteSet(ids=[("q", *r) for r in rows] + [("r", *r) for r in rows]))
+    store.commit(WriteSet(id_trims={"q": (2.0, 2)}))  # the time bound is inclusive
+    store, loaded = harness.reopen(store)
+    assert loaded.ids["q"] == rows[2:]
+    store.commit(WriteSet(id_trims={"q": (4.0, 3)}))  # the offset bound is exclusive
+    store, loaded = harness.reopen(store)
+    assert loaded.ids["q"] == [("d", 3, 4.0)]
+    store.commit(WriteSet(id_trims={"q": (3.5, 100), "nothing-here": (100.0, 100)}))
+    store, loaded = harness.reopen(store)
+    assert loaded.ids["q"] == [("d", 3, 4.0)]  # stored after the time bound: kept
+    assert loaded.ids["r"] == rows  # other queues untouched
+    store.commit(WriteSet(id_trims={"q": (4.0, 4)}))
+    _store, loaded = harness.reopen(store)
+    assert "q" not in loaded.ids  # no empty entry for a queue without ids
+
+
+def test_ids_added_and_trimmed_in_one_write_set(harness: Harness) -> None:
+    store, _ = harness.open()
+    store.commit(WriteSet(ids=[("q", "old", 0, 1.0)]))
+    # the engine stores a commit's new ids and its trim of expired ones together
+    store.commit(WriteSet(ids=[("q", "new", 5, 100.0)], id_trims={"q": (1.0, 1)}))
+    _store, loaded = harness.reopen(store)
+    assert loaded.ids == {"q": [("new", 5, 100.0)]}
+
+
+def test_dropping_a_queue_drops_its_ids_but_keeps_producers(harness: Harness) -> None:
+    store, _ = harness.open()
+    store.commit(
+        WriteSet(
+            specs={"q": spec("q"), "r": spec("r")},
+            ids=[("q", "a", 0, 1.0), ("r", "b", 0, 1.0)],
+            producers={"p": b"state"},
+        )
+    )
+    store.commit(WriteSet(specs={"q": None}))
+    store, loaded = harness.reopen(store)
+    assert loaded.ids == {"r": [("b", 0, 1.0)]}
+    assert loaded.producers == {"p": b"state"}
+    store.commit(WriteSet(specs={"q": spec("q")}))  # created again: no ids of the old one
+    _store, loaded = harness.reopen(store)
+    assert "q" not in loaded.ids
+
+
+@pytest.mark.parametrize("harness", ["sqlite"], indirect=True)
+def test_a_failed_commit_stores_no_dedup_state(harness: Harness) -> None:
+    store, _ = harness.open()
+    store.commit(
+        WriteSet(batches=[("q", 0, 1, b"x")], producers={"p": b"v1"}, ids=[("q", "a", 0, 1.0)])
+    )
+    with pytest.raises(StorageError):
+        store.commit(  # (q, 0) is stored already: the whole write set is refused
+            WriteSet(
+                batches=[("q", 0, 1, b"again")],
+                producers={"p": b"v2", "new": b"n"},
+                ids=[("q", "b", 1, 2.0)],
+                id_trims={"q": (5.0, 5)},
+            )
+        )
+    _store, loaded = harness.reopen(store)
+    assert loaded.producers == {"p": b"v1"}
+    assert loaded.ids == {"q": [("a", 0, 1.0)]}
+
+
+PRODUCERS = ["p", "q", "r"]
+
+
+class DedupStoresAgree(RuleBasedStateMachine):
+    """Random producer states, ids, id trims and queue drops applied to both stores; after
+    every step both are reopened and must load the same dedup state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = Path(tempfile.mkdtemp(prefix="arrival-dedup-conformance-"))
+        self.memory = MemoryStorage()
+        self.memory.load()
+        self.sqlite = SqliteStorage(self.dir / "data")
+        self.sqlite.load()
+        self.next_off = dict.fromkeys(QUEUES, 0)
+        self.now = 0.0
+
+    def teardown(self) -> None:
+        self.memory.close()
+        self.sqlite.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    @rule(data=st.data())
+    def commit(self, data: st.DataObject) -> None:
+        ws = WriteSet(sync=data.draw(st.booleans(), "sync"))
+        ws.producers = data.draw(
+            st.dictionaries(
+                st.sampled_from(PRODUCERS), st.none() | st.binary(max_size=12), max_size=3
+            ),
+            "producers",
+        )
+        for _ in range(data.draw(st.integers(0, 4), "n ids")):
+            q = data.draw(st.sampled_from(QUEUES), "queue")
+            mid = data.draw(st.text(st.characters(codec="utf-8"), max_size=6), "id")
+            self.now += data.draw(st.floats(0, 5, allow_nan=False), "dt")
+            ws.ids.append((q, mid, self.next_off[q], self.now))
+            self.next_off[q] += 1
+        ws.id_trims = data.draw(
+            st.dictionaries(
+                st.sampled_from(QUEUES),
+                st.tuples(st.floats(0, self.now + 1, allow_nan=False), st.integers(0, 20)),
+                max_size=2,
+            ),
+            "id trims",
+        )
+        if data.draw(st.booleans(), "drop a queue"):
+            ws.specs = {data.draw(st.sampled_from(QUEUES), "dropped"): None}
+        self.memory.commit(ws)
+        self.sqlite.commit(ws)
+
+    @invariant()
+    def dedup_state_agrees(self) -> None:
+        self.memory.close()
+        self.sqlite.close()
+        mem = self.memory.load()
+        self.sqlite = SqliteStorage(self.dir / "data")
+        sql = self.sqlite.load()
+        assert sql.producers == mem.producers
+        assert sql.ids == mem.ids
+
+
+TestDedupStoresAgree = DedupStoresAgree.TestCase
+TestDedupStoresAgree.settings = settings(
+    max_examples=25,
+    stateful_step_count=10,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)

@@ -236,3 +236,102 @@ def test_a_blob_stored_as_text_raises_corrupt_data(data_dir: Path, sql: str, whe
                 store.read("q", 0)
     finally:
         store.close()
+
+
+# -- dedup state: producers and message ids ------------------------------------------------
+
+
+def populate_dedup(path: Path) -> None:
+    with opened(path) as store:
+        store.commit(
+            WriteSet(
+                specs={"q": b"spec of q"},
+                batches=[("q", 0, 2, b"first batch")],
+                producers={"billing": b"producer state", "audit": b"other state"},
+                ids=[("q", "pay-1", 0, 1_700_000_000.5), ("q", "pay-2", 1, 1_700_000_001.0)],
+            )
+        )
+
+
+def assert_load_fails(path: Path, *needles: str) -> None:
+    """``load()`` raises CorruptData naming the damage, twice: the LOCK is released."""
+    for _attempt in range(2):
+        store = SqliteStorage(path)
+        try:
+            with pytest.raises(CorruptData) as exc:
+                store.load()
+            assert not isinstance(exc.value, DataDirectoryInUse)
+            for needle in needles:
+                assert needle in str(exc.value)
+        finally:
+            store.close()
+
+
+def test_undamaged_dedup_state_loads(data_dir: Path) -> None:
+    populate_dedup(data_dir)
+    store = SqliteStorage(data_dir)
+    try:
+        loaded = store.load()
+        assert loaded.producers == {"billing": b"producer state", "audit": b"other state"}
+        assert loaded.ids == {"q": [("pay-1", 0, 1_700_000_000.5), ("pay-2", 1, 1_700_000_001.0)]}
+    finally:
+        store.close()
+
+
+def test_flipped_producer_state_makes_load_raise_corrupt_data(data_dir: Path) -> None:
+    populate_dedup(data_dir)
+    old = blob(data_dir, "SELECT state FROM producers WHERE id='billing'")
+    tamper(data_dir, "UPDATE producers SET state=? WHERE id='billing'", (flip(old, 4),))
+    assert_load_fails(data_dir, "producer 'billing'", "checksum")
+
+
+def test_truncated_producer_state_makes_load_raise_corrupt_data(data_dir: Path) -> None:
+    populate_dedup(data_dir)
+    tamper(data_dir, "UPDATE producers SET state=? WHERE id='audit'", (b"other",))
+    assert_load_fails(data_dir, "producer 'audit'")
+
+
+def test_a_producer_row_moved_to_another_id_is_detected(data_dir: Path) -> None:
+    populate_dedup(data_dir)
+    # the state is intact, but it now claims to belong to another producer
+    tamper(data_dir, "UPDATE producers SET id='intruder' WHERE id='billing'")
+    assert_load_fails(data_dir, "producer 'intruder'")
+
+
+def test_a_producer_state_stored_as_text_raises_corrupt_data(data_dir: Path) -> None:
+    populate_dedup(data_dir)
+    tamper(data_dir, "UPDATE producers SET state=CAST(state AS TEXT) WHERE id='billing'")
+    assert_load_fails(data_dir, "producer 'billing'")
+
+
+@pytest.mark.parametrize(
+    ("sql", "needle"),
+    [
+        ("UPDATE ids SET off=7 WHERE id='pay-1'", "'pay-1'"),
+        ("UPDATE ids SET ts=1700000000.25 WHERE id='pay-1'", "'pay-1'"),
+        ("UPDATE ids SET id='pay-9' WHERE id='pay-2'", "'pay-9'"),
+        ("UPDATE ids SET queue='r' WHERE id='pay-2'", "queue 'r'"),
+        ("UPDATE ids SET crc=crc+1 WHERE id='pay-1'", "'pay-1'"),
+    ],
+    ids=["offset", "time", "id", "queue", "crc"],
+)
+def test_a_damaged_message_id_row_makes_load_raise_corrupt_data(
+    data_dir: Path, sql: str, needle: str
+) -> None:
+    # a wrong offset would answer a retried send with another message's offset; a wrong
+    # time would forget the id too early: neither may be believed
+    populate_dedup(data_dir)
+    tamper(data_dir, sql)
+    assert_load_fails(data_dir, needle, "checksum")
+
+
+def test_a_failed_load_of_dedup_state_releases_the_lock(data_dir: Path) -> None:
+    populate_dedup(data_dir)
+    tamper(data_dir, "UPDATE ids SET off=7 WHERE id='pay-1'")
+    store = SqliteStorage(data_dir)
+    with pytest.raises(CorruptData):
+        store.load()
+    tamper(data_dir, "UPDATE ids SET off=0 WHERE id='pay-1'")  # repaired from a backup
+    with opened(data_dir) as again:
+        assert again.read("q", 0) == b"first batch"
+    store.close()

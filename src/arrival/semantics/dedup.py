@@ -62,17 +62,28 @@ class Duplicate:
 
 
 class ProducerTable:
-    """Per-producer epochs and sequences; see the module docstring for the invariants."""
+    """Per-producer epochs and sequences; see the module docstring for the invariants.
 
-    def __init__(self, horizon: float) -> None:
+    Epochs are ``(broker epoch << 32) | n``: the broker's epoch grows at every restart, so
+    an epoch is never handed out twice, even after a crash lost its registration or the
+    producer's state expired. ``expired_max`` is the highest epoch of any producer whose
+    state was forgotten: an unknown producer at or below it may be one of them, and its
+    sends are refused rather than risk storing a retry twice.
+    """
+
+    def __init__(self, horizon: float, broker_epoch: int = 1) -> None:
         self.horizon = horizon
+        self.broker_epoch = broker_epoch
+        self._counter = 0
         self.states: dict[str, ProducerState] = {}
         self.dirty: set[str] = set()  # changed since the last drain; absent -> deleted
+        self.expired_max = 0
+        self.expired_max_dirty = False
 
     def register(self, producer: str, now: float) -> int:
         """A new incarnation of ``producer``: fences every earlier one; returns its epoch."""
-        old = self.states.get(producer)
-        st = ProducerState(epoch=(old.epoch + 1) if old else 1, last_send=now)
+        self._counter += 1
+        st = ProducerState(epoch=(self.broker_epoch << 32) | self._counter, last_send=now)
         self.states[producer] = st
         self.dirty.add(producer)
         return st.epoch
@@ -84,8 +95,10 @@ class ProducerTable:
             raise SequenceError(producer, seq, "sequence numbers start at 1")
         st = self.states.get(producer)
         if st is None or st.epoch < epoch:
-            if seq == 1:
-                return None  # a first send (its registration was lost in a crash)
+            # unknown: its registration was lost in a crash (then nothing of it was
+            # stored), or its state expired (then anything may have been)
+            if seq == 1 and epoch > self.expired_max:
+                return None
             raise DedupHorizonPassed(producer, seq, self.horizon)
         if epoch < st.epoch:
             raise ProducerFenced(
@@ -129,7 +142,10 @@ class ProducerTable:
         """Forget producers idle longer than the horizon; returns their ids."""
         gone = [p for p, st in self.states.items() if now - st.last_send > self.horizon]
         for p in gone:
-            del self.states[p]
+            epoch = self.states.pop(p).epoch
+            if epoch > self.expired_max:
+                self.expired_max = epoch
+                self.expired_max_dirty = True
             self.dirty.add(p)
         return gone
 
@@ -146,7 +162,8 @@ class ProducerTable:
         self.dirty = set()
         return out
 
-    def restore(self, stored: dict[str, bytes]) -> None:
+    def restore(self, stored: dict[str, bytes], expired_max: int = 0) -> None:
+        self.expired_max = expired_max
         for p, data in stored.items():
             try:
                 s = _dec.decode(data)
