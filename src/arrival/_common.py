@@ -5,6 +5,7 @@ The two APIs differ only in how they wait; every decision is made by the engine.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import threading
@@ -224,6 +225,17 @@ class MessageBase:
         return (self.queue, self.group, self.offset, self.attempt, self._epoch)
 
 
+def check_seconds(what: str, value: object) -> None:
+    """Raise UsageError unless ``value`` is a finite number of seconds > 0."""
+    if (
+        not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise UsageError(f"{what} must be a finite number of seconds > 0, not {value!r}")
+
+
 class ProducerCore:
     """A producer's identity and sequence numbers, shared by both APIs.
 
@@ -285,10 +297,7 @@ class TransactionCore:
     """
 
     def __init__(self, engine: Engine, tid: str, timeout: float) -> None:
-        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
-            raise UsageError(
-                f"transaction timeout must be a number of seconds > 0, not {timeout!r}"
-            )
+        check_seconds("transaction timeout", timeout)
         self.engine = engine
         self.id = tid
         self.timeout = float(timeout)
@@ -316,13 +325,17 @@ class TransactionCore:
 
     def add(self, queue: str, messages: Sequence[Send], source: MessageBase | None) -> None:
         """Buffer ``messages`` for ``queue``: checked now, sent at commit."""
+        self.add_all([(queue, m) for m in messages], source)
+
+    def add_all(self, items: Sequence[tuple[str, Send]], source: MessageBase | None) -> None:
+        """Buffer (queue, message) pairs: all of them, or (on an error) none."""
         if self.state != "open":
             self.check_open()
-        limit = self.limits.get(queue)
-        if limit is None:  # raises UnknownQueue now rather than at commit
-            limit = self.limits[queue] = self.engine.spec(queue).max_message_bytes
         size = 0
-        for _mid, _key, headers, body in messages:
+        for queue, (_mid, _key, headers, body) in items:
+            limit = self.limits.get(queue)
+            if limit is None:  # raises UnknownQueue now rather than at commit
+                limit = self.limits[queue] = self.engine.spec(queue).max_message_bytes
             n = len(body)
             if headers:
                 n += sum(len(k) + len(v) for k, v in headers.items())
@@ -336,11 +349,11 @@ class TransactionCore:
             )
         self.nbytes += size
         now = self.engine.clock.now()
-        out = self.sends.get(queue)
-        if out is None:
-            out = self.sends[queue] = []
         sid = None if source is None else source.id
-        for mid, key, headers, body in messages:
+        for queue, (mid, key, headers, body) in items:
+            out = self.sends.get(queue)
+            if out is None:
+                out = self.sends[queue] = []
             unnamed = -1
             if mid is None:
                 if sid is not None:

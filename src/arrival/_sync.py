@@ -20,6 +20,7 @@ from arrival._common import (
     ProducerCore,
     TransactionCore,
     batch_to_send,
+    check_seconds,
     open_engine,
     queue_spec,
     to_send,
@@ -28,6 +29,7 @@ from arrival.engine import DeadMessage, Engine, Send, Ticket
 from arrival.errors import (
     ClosedError,
     LeaseExpired,
+    ReceiptError,
     TransactionTimedOut,
     UsageError,
 )
@@ -367,9 +369,7 @@ class Outputs:
         self._items.append((queue, to_send(body, key, headers, id)))
 
     def _flush(self) -> None:
-        core = self._tx._core
-        for queue, item in self._items:
-            core.add(queue, (item,), self._source)
+        self._tx._core.add_all(self._items, self._source)
 
 
 class Message(MessageBase):
@@ -511,10 +511,10 @@ class Consumer:
         called after each commit with the input messages it made final. Returns what it
         did.
         """
-        if batch < 1:
-            raise UsageError(f"batch must be at least 1 message, not {batch}")
-        if interval <= 0:
-            raise UsageError(f"interval must be > 0 seconds, not {interval}")
+        if not isinstance(batch, int) or batch < 1:
+            raise UsageError(f"batch must be at least 1 message, not {batch!r}")
+        check_seconds("interval", interval)
+        check_seconds("transaction timeout", timeout)
         result = ProcessResult()
         engine = self._engine
         tx: Transaction | None = None
@@ -543,7 +543,7 @@ class Consumer:
             settle_in_flight()
             try:
                 ticket = current._core.submit()
-            except (LeaseExpired, TransactionTimedOut):
+            except (ReceiptError, TransactionTimedOut):
                 result.aborted += 1  # nothing took effect; the inputs are redelivered
                 return
             in_flight = (ticket, msgs)
@@ -581,11 +581,11 @@ class Consumer:
                     out = Outputs(tx, msg)
                     try:
                         handler(msg, out)
+                        out._flush()  # all of its outputs, or (refused) none
                     except Exception as exc:  # noqa: BLE001 - the handler's failure is data
                         result.failed += 1
                         self._nack_failed(msg, exc)
                         continue
-                    out._flush()
                     tx.ack(msg)
                     batch_msgs.append(msg)
                 if tx is not None and (

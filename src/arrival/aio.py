@@ -26,13 +26,20 @@ from arrival._common import (
     ProducerCore,
     TransactionCore,
     batch_to_send,
+    check_seconds,
     open_engine,
     queue_spec,
     to_send,
 )
 from arrival._sync import ProcessResult
 from arrival.engine import DeadMessage, Engine, Send, Ticket
-from arrival.errors import ClosedError, LeaseExpired, TransactionTimedOut, UsageError
+from arrival.errors import (
+    ClosedError,
+    LeaseExpired,
+    ReceiptError,
+    TransactionTimedOut,
+    UsageError,
+)
 from arrival.model import (
     Backoff,
     BrokerStats,
@@ -327,9 +334,7 @@ class Outputs:
         self._items.append((queue, to_send(body, key, headers, id)))
 
     def _flush(self) -> None:
-        core = self._tx._core
-        for queue, item in self._items:
-            core.add(queue, (item,), self._source)
+        self._tx._core.add_all(self._items, self._source)
 
 
 class Message(MessageBase):
@@ -454,10 +459,10 @@ class Consumer:
         on_commit: Callable[[list[Message]], None] | None = None,
     ) -> ProcessResult:
         """See ``arrival.Consumer.process``; ``handler`` may be sync or async."""
-        if batch < 1:
-            raise UsageError(f"batch must be at least 1 message, not {batch}")
-        if interval <= 0:
-            raise UsageError(f"interval must be > 0 seconds, not {interval}")
+        if not isinstance(batch, int) or batch < 1:
+            raise UsageError(f"batch must be at least 1 message, not {batch!r}")
+        check_seconds("interval", interval)
+        check_seconds("transaction timeout", timeout)
         result = ProcessResult()
         engine = self._engine
         tx: Transaction | None = None
@@ -483,7 +488,7 @@ class Consumer:
             await settle_in_flight()
             try:
                 ticket = current._core.submit()
-            except (LeaseExpired, TransactionTimedOut):
+            except (ReceiptError, TransactionTimedOut):
                 result.aborted += 1
                 return
             in_flight = (ticket, msgs)
@@ -523,12 +528,12 @@ class Consumer:
                         r = handler(msg, out)
                         if asyncio.iscoroutine(r):
                             await r
+                        out._flush()  # all of its outputs, or (refused) none
                     except Exception as exc:  # noqa: BLE001 - the handler's failure is data
                         result.failed += 1
                         with contextlib.suppress(LeaseExpired):
                             await msg.nack(error=f"{type(exc).__name__}: {exc}")
                         continue
-                    out._flush()
                     await tx.ack(msg)
                     batch_msgs.append(msg)
                 if tx is not None and (

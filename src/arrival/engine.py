@@ -114,12 +114,13 @@ _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,199}")  # producer and transact
 class Ticket:
     """Completes when a durable write is committed (or failed). Wait, or add a callback."""
 
-    __slots__ = ("_callbacks", "_done", "_error", "result")
+    __slots__ = ("_callbacks", "_done", "_error", "_on_success", "result")
 
     def __init__(self) -> None:
         self._done = threading.Event()
         self._callbacks: list[Callable[[], None]] | None = None
         self._error: BaseException | None = None
+        self._on_success: Callable[[], None] | None = None  # runs before waiters wake
         self.result: int = -1
 
     def __repr__(self) -> str:
@@ -128,6 +129,8 @@ class Ticket:
 
     def _finish(self, error: BaseException | None) -> None:
         self._error = error
+        if error is None and self._on_success is not None:
+            self._on_success()
         with _ticket_lock:
             self._done.set()
             callbacks, self._callbacks = self._callbacks, None
@@ -970,18 +973,18 @@ class Engine:
                 self._members[member_id].acked += len(receipts)
             self._txns.end(tid, epoch)
             ticket = self._barrier()
-            if targets:
-                self._notify()
-        if lossy:
-
-            def publish() -> None:
-                if ticket._error is None:
+            if lossy:
+                # handed out once durable, and before commit() returns: set under the
+                # lock, before the writer can take the barrier
+                def publish() -> None:
                     with self._lock:
                         for q, records in lossy:
                             q.sent += len(records)
                             self._publish_lossy(q, records)
 
-            ticket.add_done_callback(publish)
+                ticket._on_success = publish
+            if targets:
+                self._notify()
         return ticket
 
     def nack(
