@@ -484,6 +484,31 @@ def test_a_newer_processor_with_the_same_id_fences_the_older(
     assert ids(broker, "out") == ["m1/0", "m0/0"]
 
 
+def test_the_older_processor_is_fenced_even_between_its_batches(broker: arrival.Broker) -> None:
+    # The loop holds one epoch for all its transactions: a newer holder that starts while
+    # the older one is between batches still fences the older one's next batch, and the
+    # newer one keeps running (it must not be fenced by the older one's next begin).
+    setup_queues(broker)
+    feed(broker, 4)
+    older, newer = broker.consumer("in", "g"), broker.consumer("in", "g")
+    newer_results: list[arrival.ProcessResult] = []
+
+    def handler(msg: arrival.Message, out: arrival.Outputs) -> None:
+        transform(msg, out)
+
+    def after_first_commit(msgs: list[arrival.Message]) -> None:
+        if not newer_results:  # the older committed m0; the newer starts now
+            newer_results.append(newer.process(transform, transactional_id="t", limit=2))
+
+    with pytest.raises(ProducerFenced, match="'t'"):
+        older.process(handler, transactional_id="t", batch=1, limit=4, on_commit=after_first_commit)
+    assert result_tuple(newer_results[0]) == (2, 0, 0)
+    assert sorted(i or "" for i in ids(broker, "out")) == ["m0/0", "m1/0", "m2/0"]
+    r = newer.process(transform, transactional_id="t", idle=0.2)  # the rest, once
+    assert sorted(i or "" for i in ids(broker, "out")) == ["m0/0", "m1/0", "m2/0", "m3/0"]
+    assert r.committed == 1
+
+
 # -- arguments ----------------------------------------------------------------------------
 
 

@@ -296,12 +296,17 @@ class TransactionCore:
     a timeout leaves no trace but the fenced epoch.
     """
 
-    def __init__(self, engine: Engine, tid: str, timeout: float) -> None:
+    def __init__(
+        self, engine: Engine, tid: str, timeout: float, epoch: tuple[int, int] | None = None
+    ) -> None:
         check_seconds("transaction timeout", timeout)
         self.engine = engine
         self.id = tid
         self.timeout = float(timeout)
-        self.epoch = engine.begin_transaction(tid)
+        # a processing loop holds one epoch for all its transactions, as Kafka's
+        # initTransactions does; a lone transaction opens (and fences with) its own
+        self.keep = epoch is not None
+        self.epoch = epoch if epoch is not None else engine.begin_transaction(tid)
         self.started = engine.clock.now()
         self.state = "open"
         self.sends: dict[str, list[tuple[RecordTuple, int]]] = {}  # record, unnamed index
@@ -399,7 +404,7 @@ class TransactionCore:
         acks: TxnAcks = [(m, e, receipts) for (m, e), receipts in self.acks.items()]
         try:
             ticket = self.engine.commit_transaction(
-                self.id, self.epoch, self.started, self.timeout, sends, acks
+                self.id, self.epoch, self.started, self.timeout, sends, acks, keep=self.keep
             )
         except BaseException:
             self.state = "aborted"
@@ -416,4 +421,5 @@ class TransactionCore:
             self.state = "aborted"
             self.sends = {}
             self.acks = {}
-            self.engine.end_transaction(self.id, self.epoch)
+            if not self.keep:
+                self.engine.end_transaction(self.id, self.epoch)

@@ -29,6 +29,7 @@ from arrival.engine import DeadMessage, Engine, Send, Ticket
 from arrival.errors import (
     ClosedError,
     LeaseExpired,
+    ProducerFenced,
     ReceiptError,
     TransactionTimedOut,
     UsageError,
@@ -268,8 +269,10 @@ class Transaction:
     must still be leased at commit: if a lease expired meanwhile the whole transaction is
     refused (LeaseExpired), since another consumer may be processing the message."""
 
-    def __init__(self, engine: Engine, tid: str, timeout: float) -> None:
-        self._core = TransactionCore(engine, tid, timeout)
+    def __init__(
+        self, engine: Engine, tid: str, timeout: float, epoch: tuple[int, int] | None = None
+    ) -> None:
+        self._core = TransactionCore(engine, tid, timeout, epoch)
 
     def __repr__(self) -> str:
         return repr(self._core)
@@ -524,6 +527,8 @@ class Consumer:
         # messages in memory, so per-key order holds.
         in_flight: tuple[Ticket, list[Message]] | None = None
         opened = last_seen = time.monotonic()
+        # one epoch for the whole loop: a newer holder of the id fences all of it
+        epoch = engine.begin_transaction(transactional_id)
 
         def settle_in_flight() -> None:
             nonlocal in_flight
@@ -543,6 +548,12 @@ class Consumer:
             settle_in_flight()
             try:
                 ticket = current._core.submit()
+            except ProducerFenced:
+                # a newer holder took over: hand it this batch's messages at once
+                for m in msgs:
+                    with contextlib.suppress(ReceiptError):
+                        m.release()
+                raise
             except (ReceiptError, TransactionTimedOut):
                 result.aborted += 1  # nothing took effect; the inputs are redelivered
                 return
@@ -574,7 +585,7 @@ class Consumer:
                 if msgs:
                     last_seen = time.monotonic()
                     if tx is None:
-                        tx = Transaction(engine, transactional_id, timeout)
+                        tx = Transaction(engine, transactional_id, timeout, epoch)
                         opened = last_seen
                 for msg in msgs:
                     assert tx is not None
@@ -603,6 +614,7 @@ class Consumer:
                 else:
                     tx.abort()
             settle_in_flight()
+            engine.end_transaction(transactional_id, epoch)
         return result
 
     @staticmethod

@@ -36,6 +36,7 @@ from arrival.engine import DeadMessage, Engine, Send, Ticket
 from arrival.errors import (
     ClosedError,
     LeaseExpired,
+    ProducerFenced,
     ReceiptError,
     TransactionTimedOut,
     UsageError,
@@ -253,8 +254,10 @@ class Producer:
 class Transaction:
     """The async twin of ``arrival.Transaction``; use it as ``async with``."""
 
-    def __init__(self, engine: Engine, tid: str, timeout: float) -> None:
-        self._core = TransactionCore(engine, tid, timeout)
+    def __init__(
+        self, engine: Engine, tid: str, timeout: float, epoch: tuple[int, int] | None = None
+    ) -> None:
+        self._core = TransactionCore(engine, tid, timeout, epoch)
 
     def __repr__(self) -> str:
         return repr(self._core)
@@ -469,6 +472,8 @@ class Consumer:
         batch_msgs: list[Message] = []
         in_flight: tuple[Ticket, list[Message]] | None = None  # see arrival.Consumer.process
         opened = last_seen = time.monotonic()
+        # one epoch for the whole loop: a newer holder of the id fences all of it
+        epoch = engine.begin_transaction(transactional_id)
 
         async def settle_in_flight() -> None:
             nonlocal in_flight
@@ -488,6 +493,12 @@ class Consumer:
             await settle_in_flight()
             try:
                 ticket = current._core.submit()
+            except ProducerFenced:
+                # a newer holder took over: hand it this batch's messages at once
+                for m in msgs:
+                    with contextlib.suppress(ReceiptError):
+                        await m.release()
+                raise
             except (ReceiptError, TransactionTimedOut):
                 result.aborted += 1
                 return
@@ -519,7 +530,7 @@ class Consumer:
                 if msgs:
                     last_seen = time.monotonic()
                     if tx is None:
-                        tx = Transaction(engine, transactional_id, timeout)
+                        tx = Transaction(engine, transactional_id, timeout, epoch)
                         opened = last_seen
                 for msg in msgs:
                     assert tx is not None
@@ -551,6 +562,7 @@ class Consumer:
                 else:
                     await tx.abort()
             await settle_in_flight()
+            engine.end_transaction(transactional_id, epoch)
         return result
 
     async def close(self) -> None:

@@ -924,13 +924,16 @@ class Engine:
         timeout: float,
         sends: Sequence[tuple[str, list[RecordTuple]]],
         acks: TxnAcks,
+        *,
+        keep: bool = False,
     ) -> Ticket:
         """Apply a transaction's sends and acks in one atomic commit, or none of them.
 
         Refused (nothing applied) if ``tid`` was fenced, the transaction outlived
         ``timeout``, a queue is unknown, or any ack's lease is no longer current.
         The Ticket completes once the commit is durable; messages sent to at-most-once
-        queues are handed out only then.
+        queues are handed out only then. ``keep``: the holder keeps its epoch for further
+        transactions (a processing loop); otherwise the id is forgotten after this one.
         """
         # encode every durable batch before anything changes: all or nothing
         encoded = [
@@ -960,7 +963,8 @@ class Engine:
                         st.check(off, attempt)
                     targets.append((member_id, st, receipts))
             except BaseException:
-                self._txns.end(tid, epoch)
+                if not keep:
+                    self._txns.end(tid, epoch)
                 raise
             lossy: list[tuple[_Queue, list[RecordTuple]]] = []
             for q, records, data in encoded:
@@ -971,7 +975,8 @@ class Engine:
             for member_id, st, receipts in targets:
                 st.ack_many(receipts)
                 self._members[member_id].acked += len(receipts)
-            self._txns.end(tid, epoch)
+            if not keep:
+                self._txns.end(tid, epoch)
             ticket = self._barrier()
             if lossy:
                 # handed out once durable, and before commit() returns: set under the
