@@ -79,7 +79,6 @@ CACHE_MESSAGES = 262_144  # decoded messages kept in memory; older batches are r
 FLOOR_TICK_S = 1.0  # retention is kept to this precision; bounds floor_times to one per s
 HOUSEKEEPING_S = 0.25  # how often the writer expires leases and trims when idle
 DEDUP_EXPIRY_S = 1.0  # how often idle producers and old message ids are forgotten
-META_PRODUCERS_EXPIRED = "producers-expired-max"  # highest epoch of a forgotten producer
 
 # provenance headers of dead-lettered messages
 H_ORIGIN_QUEUE = "arrival-origin-queue"
@@ -335,9 +334,7 @@ class Engine:
             self._txns = TransactionTable(self.epoch)
             self._producers = ProducerTable(producer_horizon_s, self.epoch)
             self._restore(loaded.specs, loaded.batches, loaded.groups, loaded.meta)
-            self._producers.restore(
-                loaded.producers, int(loaded.meta.get(META_PRODUCERS_EXPIRED, b"0"))
-            )
+            self._producers.restore(loaded.producers)
             for name, rows in loaded.ids.items():
                 iq = self._queues.get(name)
                 if iq is not None and iq.ids is not None:
@@ -644,7 +641,10 @@ class Engine:
             )
         with self._lock:
             self._check_open()
-            return self._producers.register(producer, self.clock.now())
+            epoch = self._producers.register(producer, self.clock.now())
+            ticket = self._barrier()
+        ticket.wait()  # the fence is durable before anyone relies on it
+        return epoch
 
     def _send_records(
         self, q: _Queue, records: list[RecordTuple], producer: ProducerSeq | None
@@ -671,6 +671,12 @@ class Engine:
             ticket = self._append_dedup(q, records, data)
             if producer is not None:
                 self._producers.record(pid, epoch, seq, queue, ticket.result, self.clock.now())
+                if ticket.done():
+                    # every message was a duplicate, so nothing new is stored; the
+                    # sequence is, and must be durable before the send is acknowledged
+                    barrier = self._barrier()
+                    barrier.result = ticket.result
+                    ticket = barrier
             return ticket
 
     def _publish_lossy(self, q: _Queue, records: list[RecordTuple]) -> None:
@@ -1269,9 +1275,6 @@ class Engine:
                         ws.id_trims[q.name] = trim
         if self._producers.dirty:
             ws.producers = self._producers.drain()
-        if self._producers.expired_max_dirty:
-            ws.meta[META_PRODUCERS_EXPIRED] = str(self._producers.expired_max).encode()
-            self._producers.expired_max_dirty = False
         for q in self._queues.values():
             if q.ids is not None and q.ids.added:
                 ws.ids.extend((q.name, mid, off, ts) for mid, off, ts in q.ids.drain())

@@ -65,10 +65,10 @@ class ProducerTable:
     """Per-producer epochs and sequences; see the module docstring for the invariants.
 
     Epochs are ``(broker epoch << 32) | n``: the broker's epoch grows at every restart, so
-    an epoch is never handed out twice, even after a crash lost its registration or the
-    producer's state expired. ``expired_max`` is the highest epoch of any producer whose
-    state was forgotten: an unknown producer at or below it may be one of them, and its
-    sends are refused rather than risk storing a retry twice.
+    an epoch is never handed out twice, even after the producer's state expired. A
+    registration is durable before its epoch is handed out (the engine's job), so a
+    producer the table does not know has expired: its sends are refused rather than risk
+    storing a retry twice.
     """
 
     def __init__(self, horizon: float, broker_epoch: int = 1) -> None:
@@ -77,8 +77,6 @@ class ProducerTable:
         self._counter = 0
         self.states: dict[str, ProducerState] = {}
         self.dirty: set[str] = set()  # changed since the last drain; absent -> deleted
-        self.expired_max = 0
-        self.expired_max_dirty = False
 
     def register(self, producer: str, now: float) -> int:
         """A new incarnation of ``producer``: fences every earlier one; returns its epoch."""
@@ -95,10 +93,8 @@ class ProducerTable:
             raise SequenceError(producer, seq, "sequence numbers start at 1")
         st = self.states.get(producer)
         if st is None or st.epoch < epoch:
-            # unknown: its registration was lost in a crash (then nothing of it was
-            # stored), or its state expired (then anything may have been)
-            if seq == 1 and epoch > self.expired_max:
-                return None
+            # unknown (or an epoch it never stored): the producer's state expired, and
+            # whatever it sent before may or may not be stored
             raise DedupHorizonPassed(producer, seq, self.horizon)
         if epoch < st.epoch:
             raise ProducerFenced(
@@ -142,10 +138,7 @@ class ProducerTable:
         """Forget producers idle longer than the horizon; returns their ids."""
         gone = [p for p, st in self.states.items() if now - st.last_send > self.horizon]
         for p in gone:
-            epoch = self.states.pop(p).epoch
-            if epoch > self.expired_max:
-                self.expired_max = epoch
-                self.expired_max_dirty = True
+            del self.states[p]
             self.dirty.add(p)
         return gone
 
@@ -162,8 +155,7 @@ class ProducerTable:
         self.dirty = set()
         return out
 
-    def restore(self, stored: dict[str, bytes], expired_max: int = 0) -> None:
-        self.expired_max = expired_max
+    def restore(self, stored: dict[str, bytes]) -> None:
         for p, data in stored.items():
             try:
                 s = _dec.decode(data)
