@@ -484,29 +484,91 @@ def test_a_newer_processor_with_the_same_id_fences_the_older(
     assert ids(broker, "out") == ["m1/0", "m0/0"]
 
 
-def test_the_older_processor_is_fenced_even_between_its_batches(broker: arrival.Broker) -> None:
-    # The loop holds one epoch for all its transactions: a newer holder that starts while
-    # the older one is between batches still fences the older one's next batch, and the
-    # newer one keeps running (it must not be fenced by the older one's next begin).
+def test_a_newer_processor_is_never_fenced_by_an_older_one_that_keeps_running(
+    broker: arrival.Broker,
+) -> None:
+    # The loop holds one epoch for all its transactions. An older loop that carries on
+    # after a newer one started must not fence the newer one with its next transaction:
+    # it is the older one that is fenced, and it hands back what it held.
     setup_queues(broker)
-    feed(broker, 4)
+    feed(broker, 1)
     older, newer = broker.consumer("in", "g"), broker.consumer("in", "g")
-    newer_results: list[arrival.ProcessResult] = []
+    stop_older = threading.Event()
+    outcome: dict[str, object] = {}
 
-    def handler(msg: arrival.Message, out: arrival.Outputs) -> None:
-        transform(msg, out)
+    def run_older() -> None:
+        try:
+            outcome["older"] = older.process(
+                transform, transactional_id="t", stop=stop_older.is_set
+            )
+        except ProducerFenced as e:
+            outcome["older"] = e
 
-    def after_first_commit(msgs: list[arrival.Message]) -> None:
-        if not newer_results:  # the older committed m0; the newer starts now
-            newer_results.append(newer.process(transform, transactional_id="t", limit=2))
+    t = threading.Thread(target=run_older)
+    t.start()
+    deadline = time.monotonic() + 10
+    while ids(broker, "out") != ["m0/0"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ids(broker, "out") == ["m0/0"]  # the older loop is running, between batches
 
-    with pytest.raises(ProducerFenced, match="'t'"):
-        older.process(handler, transactional_id="t", batch=1, limit=4, on_commit=after_first_commit)
-    assert result_tuple(newer_results[0]) == (2, 0, 0)
-    assert sorted(i or "" for i in ids(broker, "out")) == ["m0/0", "m1/0", "m2/0"]
-    r = newer.process(transform, transactional_id="t", idle=0.2)  # the rest, once
-    assert sorted(i or "" for i in ids(broker, "out")) == ["m0/0", "m1/0", "m2/0", "m3/0"]
-    assert r.committed == 1
+    def more() -> None:
+        time.sleep(0.2)  # the newer loop has begun its epoch by now
+        for i in range(1, 7):
+            broker.producer().send("in", f"m{i}".encode(), id=f"m{i}")
+            time.sleep(0.02)
+
+    feeder = threading.Thread(target=more)
+    feeder.start()
+    r = newer.process(transform, transactional_id="t", idle=1.5)  # never ProducerFenced
+    feeder.join()
+    stop_older.set()
+    t.join(10)
+    assert sorted(i or "" for i in ids(broker, "out")) == [f"m{i}/0" for i in range(7)]
+    older_result = outcome["older"]
+    if isinstance(older_result, ProducerFenced):  # it got a message after the fence
+        assert r.committed >= 1
+    else:  # it never got one: nothing to fence
+        assert isinstance(older_result, arrival.ProcessResult)
+        assert older_result.committed == 1
+        assert r.committed == 6
+
+
+def test_one_transaction_per_message_keeps_handling_while_commits_are_in_flight(
+    clock: FakeClock,
+) -> None:
+    # batch=1: while the first commit's write is held, the loop goes on handling the next
+    # messages and submitting their transactions; the writer then commits them together
+    from arrival._process import MAX_IN_FLIGHT
+    from arrival.storage.memory import MemoryStorage
+    from test_idempotence import Gate
+
+    gate = Gate(MemoryStorage())
+    broker = arrival.connect(gate, clock=clock)
+    try:
+        setup_queues(broker)
+        feed(broker, 6)
+        handled_while_held: list[str] = []
+        safety = threading.Timer(5.0, gate.release)  # a loop that waits can't hang
+
+        def handler(msg: arrival.Message, out: arrival.Outputs) -> None:
+            if msg.id == "m0":
+                gate.hold()  # the next commit (m0's transaction) waits in the store
+                safety.start()
+            elif gate.entered.wait(2.0) and not gate._open.is_set():
+                handled_while_held.append(msg.id)
+                if len(handled_while_held) == 5:
+                    gate.release()
+            transform(msg, out)
+
+        r = broker.consumer("in", "g").process(handler, transactional_id="t", limit=6)
+        assert result_tuple(r) == (6, 0, 0)
+        assert handled_while_held == ["m1", "m2", "m3", "m4", "m5"]
+        assert MAX_IN_FLIGHT > 5
+        assert ids(broker, "out") == [f"m{i}/0" for i in range(6)]
+    finally:
+        safety.cancel()
+        gate.release()
+        broker.close()
 
 
 # -- arguments ----------------------------------------------------------------------------

@@ -8,7 +8,6 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -20,18 +19,27 @@ from arrival._common import (
     ProducerCore,
     TransactionCore,
     batch_to_send,
-    check_seconds,
     open_engine,
     queue_spec,
     to_send,
 )
-from arrival.engine import DeadMessage, Engine, Send, Ticket
+from arrival._process import (
+    Command,
+    Handle,
+    Nack,
+    OutputsBase,
+    ProcessResult,
+    Receive,
+    Release,
+    Wait,
+    check_arguments,
+    steps,
+)
+from arrival.engine import DeadMessage, Engine
 from arrival.errors import (
     ClosedError,
     LeaseExpired,
-    ProducerFenced,
     ReceiptError,
-    TransactionTimedOut,
     UsageError,
 )
 from arrival.model import (
@@ -339,25 +347,11 @@ class Transaction:
         self._core.abort()
 
 
-@dataclass
-class ProcessResult:
-    """What ``Consumer.process`` did."""
-
-    committed: int = 0  # input messages whose outputs and ack were committed
-    failed: int = 0  # handler raised: the message was nacked, its outputs discarded
-    aborted: int = 0  # transactions refused (a lease expired, timeout): inputs come back
-
-
-class Outputs:
+class Outputs(OutputsBase):
     """What a handler of ``Consumer.process`` sends with: outputs of the message it is
     given, committed with that message's ack, with deterministic ids."""
 
-    __slots__ = ("_items", "_source", "_tx")
-
-    def __init__(self, tx: Transaction, source: Message) -> None:
-        self._tx = tx
-        self._source = source
-        self._items: list[tuple[str, Send]] = []
+    __slots__ = ()
 
     def send(
         self,
@@ -370,9 +364,6 @@ class Outputs:
     ) -> None:
         """Send ``body`` to ``queue`` when this message's transaction commits."""
         self._items.append((queue, to_send(body, key, headers, id)))
-
-    def _flush(self) -> None:
-        self._tx._core.add_all(self._items, self._source)
 
 
 class Message(MessageBase):
@@ -514,113 +505,54 @@ class Consumer:
         called after each commit with the input messages it made final. Returns what it
         did.
         """
-        if not isinstance(batch, int) or batch < 1:
-            raise UsageError(f"batch must be at least 1 message, not {batch!r}")
-        check_seconds("interval", interval)
-        check_seconds("transaction timeout", timeout)
-        result = ProcessResult()
-        engine = self._engine
-        tx: Transaction | None = None
-        batch_msgs: list[Message] = []  # handled, in ``tx``, not yet committed
-        # one commit may be in flight while the next batch is handled: its fsync overlaps
-        # that work. Commits complete in order, and a batch's acks already settled its
-        # messages in memory, so per-key order holds.
-        in_flight: tuple[Ticket, list[Message]] | None = None
-        opened = last_seen = time.monotonic()
-        # one epoch for the whole loop: a newer holder of the id fences all of it
-        epoch = engine.begin_transaction(transactional_id)
+        check_arguments(batch, interval, timeout)
+        gen = steps(
+            self._engine,
+            Outputs,
+            transactional_id=transactional_id,
+            batch=batch,
+            interval=interval,
+            timeout=timeout,
+            limit=limit,
+            idle=idle,
+            stop=stop,
+            on_commit=on_commit,
+        )
 
-        def settle_in_flight() -> None:
-            nonlocal in_flight
-            if in_flight is not None:
-                ticket, msgs = in_flight
-                in_flight = None
-                ticket.wait()  # a storage failure propagates: the broker stopped
-                result.committed += len(msgs)
-                if on_commit is not None:
-                    on_commit(msgs)
-
-        def commit() -> None:
-            nonlocal tx, batch_msgs, in_flight
-            assert tx is not None
-            current, msgs = tx, batch_msgs
-            tx, batch_msgs = None, []
-            settle_in_flight()
-            try:
-                ticket = current._core.submit()
-            except ProducerFenced:
-                # a newer holder took over: hand it this batch's messages at once
-                for m in msgs:
-                    with contextlib.suppress(ReceiptError):
-                        m.release()
-                raise
-            except (ReceiptError, TransactionTimedOut):
-                result.aborted += 1  # nothing took effect; the inputs are redelivered
-                return
-            in_flight = (ticket, msgs)
-            ticket.add_done_callback(lambda: current._core.finished(ticket._error is None))
-
-        try:
-            while True:
-                held = len(batch_msgs)
-                pending = len(in_flight[1]) if in_flight else 0
-                done = result.committed + result.failed + pending + held
-                if (stop is not None and stop()) or (limit is not None and done >= limit):
-                    break
-                now = time.monotonic()
-                if idle is not None and not held and now - last_seen >= idle:
-                    break
-                want = batch - held if limit is None else min(batch - held, limit - done)
-                if held:
-                    wait = max(0.0, interval - (now - opened))
-                else:
-                    settle_in_flight()  # nothing to overlap it with
-                    wait = 0.1 if stop is not None else 1.0
-                    if idle is not None:
-                        wait = min(wait, max(0.0, idle - (now - last_seen)))
+        def execute(cmd: Command) -> Any:
+            if type(cmd) is Receive:
                 try:
-                    msgs = self.receive_batch(want, timeout=wait)
+                    return self.receive_batch(cmd.want, timeout=cmd.wait)
                 except ClosedError:
-                    break
-                if msgs:
-                    last_seen = time.monotonic()
-                    if tx is None:
-                        tx = Transaction(engine, transactional_id, timeout, epoch)
-                        opened = last_seen
-                for msg in msgs:
-                    assert tx is not None
-                    out = Outputs(tx, msg)
-                    try:
-                        handler(msg, out)
-                        out._flush()  # all of its outputs, or (refused) none
-                    except Exception as exc:  # noqa: BLE001 - the handler's failure is data
-                        result.failed += 1
-                        self._nack_failed(msg, exc)
-                        continue
-                    tx.ack(msg)
-                    batch_msgs.append(msg)
-                if tx is not None and (
-                    len(batch_msgs) >= batch or time.monotonic() - opened >= interval
-                ):
-                    if batch_msgs:
-                        commit()
-                    else:
-                        tx.abort()
-                        tx = None
-        finally:
-            if tx is not None:
-                if batch_msgs and not engine.closed:
-                    commit()
-                else:
-                    tx.abort()
-            settle_in_flight()
-            engine.end_transaction(transactional_id, epoch)
-        return result
+                    return None
+            if type(cmd) is Handle:
+                try:
+                    handler(cmd.msg, cmd.out)
+                    cmd.out._flush()  # all of its outputs, or (refused) none
+                except Exception as exc:  # noqa: BLE001 - the handler's failure is data
+                    return exc
+            elif type(cmd) is Nack:
+                with contextlib.suppress(LeaseExpired):  # it is redelivered anyway
+                    cmd.msg.nack(error=cmd.error)
+            elif type(cmd) is Release:
+                with contextlib.suppress(ReceiptError):
+                    cmd.msg.release()
+            elif type(cmd) is Wait:
+                cmd.ticket.wait()
+            return None
 
-    @staticmethod
-    def _nack_failed(msg: Message, exc: Exception) -> None:
-        with contextlib.suppress(LeaseExpired):  # it is redelivered anyway
-            msg.nack(error=f"{type(exc).__name__}: {exc}")
+        reply: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                cmd = gen.send(reply) if error is None else gen.throw(error)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+            reply, error = None, None
+            try:
+                reply = execute(cmd)
+            except BaseException as exc:  # noqa: BLE001 - thrown into the loop, which decides
+                error = exc
 
     def close(self) -> None:
         """Leave the group; messages still held go back to it without spending attempts."""

@@ -26,19 +26,27 @@ from arrival._common import (
     ProducerCore,
     TransactionCore,
     batch_to_send,
-    check_seconds,
     open_engine,
     queue_spec,
     to_send,
 )
-from arrival._sync import ProcessResult
-from arrival.engine import DeadMessage, Engine, Send, Ticket
+from arrival._process import (
+    Command,
+    Handle,
+    Nack,
+    OutputsBase,
+    ProcessResult,
+    Receive,
+    Release,
+    Wait,
+    check_arguments,
+    steps,
+)
+from arrival.engine import DeadMessage, Engine, Ticket
 from arrival.errors import (
     ClosedError,
     LeaseExpired,
-    ProducerFenced,
     ReceiptError,
-    TransactionTimedOut,
     UsageError,
 )
 from arrival.model import (
@@ -315,15 +323,10 @@ class Transaction:
         self._core.abort()
 
 
-class Outputs:
+class Outputs(OutputsBase):
     """The async twin of ``arrival.Outputs``."""
 
-    __slots__ = ("_items", "_source", "_tx")
-
-    def __init__(self, tx: Transaction, source: Message) -> None:
-        self._tx = tx
-        self._source = source
-        self._items: list[tuple[str, Send]] = []
+    __slots__ = ()
 
     async def send(
         self,
@@ -335,9 +338,6 @@ class Outputs:
         id: str | None = None,  # noqa: A002 - the SPEC's name
     ) -> None:
         self._items.append((queue, to_send(body, key, headers, id)))
-
-    def _flush(self) -> None:
-        self._tx._core.add_all(self._items, self._source)
 
 
 class Message(MessageBase):
@@ -462,108 +462,56 @@ class Consumer:
         on_commit: Callable[[list[Message]], None] | None = None,
     ) -> ProcessResult:
         """See ``arrival.Consumer.process``; ``handler`` may be sync or async."""
-        if not isinstance(batch, int) or batch < 1:
-            raise UsageError(f"batch must be at least 1 message, not {batch!r}")
-        check_seconds("interval", interval)
-        check_seconds("transaction timeout", timeout)
-        result = ProcessResult()
-        engine = self._engine
-        tx: Transaction | None = None
-        batch_msgs: list[Message] = []
-        in_flight: tuple[Ticket, list[Message]] | None = None  # see arrival.Consumer.process
-        opened = last_seen = time.monotonic()
-        # one epoch for the whole loop: a newer holder of the id fences all of it
-        epoch = engine.begin_transaction(transactional_id)
+        check_arguments(batch, interval, timeout)
+        gen = steps(
+            self._engine,
+            Outputs,
+            transactional_id=transactional_id,
+            batch=batch,
+            interval=interval,
+            timeout=timeout,
+            limit=limit,
+            idle=idle,
+            stop=stop,
+            on_commit=on_commit,
+        )
 
-        async def settle_in_flight() -> None:
-            nonlocal in_flight
-            if in_flight is not None:
-                ticket, msgs = in_flight
-                in_flight = None
-                await _committed(ticket)
-                result.committed += len(msgs)
-                if on_commit is not None:
-                    on_commit(msgs)
-
-        async def commit() -> None:
-            nonlocal tx, batch_msgs, in_flight
-            assert tx is not None
-            current, msgs = tx, batch_msgs
-            tx, batch_msgs = None, []
-            await settle_in_flight()
-            try:
-                ticket = current._core.submit()
-            except ProducerFenced:
-                # a newer holder took over: hand it this batch's messages at once
-                for m in msgs:
-                    with contextlib.suppress(ReceiptError):
-                        await m.release()
-                raise
-            except (ReceiptError, TransactionTimedOut):
-                result.aborted += 1
-                return
-            in_flight = (ticket, msgs)
-            ticket.add_done_callback(lambda: current._core.finished(ticket._error is None))
-
-        try:
-            while True:
-                held = len(batch_msgs)
-                pending = len(in_flight[1]) if in_flight else 0
-                done = result.committed + result.failed + pending + held
-                if (stop is not None and stop()) or (limit is not None and done >= limit):
-                    break
-                now = time.monotonic()
-                if idle is not None and not held and now - last_seen >= idle:
-                    break
-                want = batch - held if limit is None else min(batch - held, limit - done)
-                if held:
-                    wait = max(0.0, interval - (now - opened))
-                else:
-                    await settle_in_flight()
-                    wait = 0.1 if stop is not None else 1.0
-                    if idle is not None:
-                        wait = min(wait, max(0.0, idle - (now - last_seen)))
+        async def execute(cmd: Command) -> Any:
+            if type(cmd) is Receive:
                 try:
-                    msgs = await self.receive_batch(want, timeout=wait)
+                    return await self.receive_batch(cmd.want, timeout=cmd.wait)
                 except ClosedError:
-                    break
-                if msgs:
-                    last_seen = time.monotonic()
-                    if tx is None:
-                        tx = Transaction(engine, transactional_id, timeout, epoch)
-                        opened = last_seen
-                for msg in msgs:
-                    assert tx is not None
-                    out = Outputs(tx, msg)
-                    try:
-                        r = handler(msg, out)
-                        if asyncio.iscoroutine(r):
-                            await r
-                        out._flush()  # all of its outputs, or (refused) none
-                    except Exception as exc:  # noqa: BLE001 - the handler's failure is data
-                        result.failed += 1
-                        with contextlib.suppress(LeaseExpired):
-                            await msg.nack(error=f"{type(exc).__name__}: {exc}")
-                        continue
-                    await tx.ack(msg)
-                    batch_msgs.append(msg)
-                if tx is not None and (
-                    len(batch_msgs) >= batch or time.monotonic() - opened >= interval
-                ):
-                    if batch_msgs:
-                        await commit()
-                    else:
-                        await tx.abort()
-                        tx = None
-        finally:
-            if tx is not None:
-                if batch_msgs and not engine.closed:
-                    await commit()
-                else:
-                    await tx.abort()
-            await settle_in_flight()
-            engine.end_transaction(transactional_id, epoch)
-        return result
+                    return None
+            if type(cmd) is Handle:
+                try:
+                    r = handler(cmd.msg, cmd.out)
+                    if asyncio.iscoroutine(r):
+                        await r
+                    cmd.out._flush()  # all of its outputs, or (refused) none
+                except Exception as exc:  # noqa: BLE001 - the handler's failure is data
+                    return exc
+            elif type(cmd) is Nack:
+                with contextlib.suppress(LeaseExpired):  # it is redelivered anyway
+                    await cmd.msg.nack(error=cmd.error)
+            elif type(cmd) is Release:
+                with contextlib.suppress(ReceiptError):
+                    await cmd.msg.release()
+            elif type(cmd) is Wait:
+                await _committed(cmd.ticket)
+            return None
+
+        reply: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                cmd = gen.send(reply) if error is None else gen.throw(error)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+            reply, error = None, None
+            try:
+                reply = await execute(cmd)
+            except BaseException as exc:  # noqa: BLE001 - thrown into the loop, which decides
+                error = exc
 
     async def close(self) -> None:
         if not self._closed:

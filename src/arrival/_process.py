@@ -1,0 +1,212 @@
+"""The exactly-once processing loop, written once for both APIs.
+
+``steps()`` is a generator that decides everything and does no waiting: it yields
+commands (receive, handle, nack, release, wait for a commit) and the sync or async
+driver carries each one out, sending back its result or throwing its error in. So the
+blocking ``Consumer.process`` and the asyncio one cannot drift apart.
+
+Invariants:
+1. A message's outputs and its ack join a transaction together, or (handler failure,
+   refused output) neither does; the message is then nacked.
+2. Commits are submitted in order and complete in order. Up to ``MAX_IN_FLIGHT`` may be
+   in flight at once while the next messages are handled: their fsyncs overlap that work
+   and are shared by group commit. A batch's acks settle its messages in memory at
+   submit, so per-key order holds across batches in flight.
+3. A refused commit (a lease lost, the transaction timed out) took no effect: it is
+   counted and its messages come back. A fenced loop releases its batch to the newer
+   holder and stops.
+4. The loop holds one epoch of its transactional id for all its transactions.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from arrival._common import MessageBase, TransactionCore, check_seconds
+from arrival.engine import Engine, Send, Ticket
+from arrival.errors import ProducerFenced, ReceiptError, TransactionTimedOut, UsageError
+
+__all__ = ["MAX_IN_FLIGHT", "Handle", "Nack", "ProcessResult", "Receive", "Release", "Wait"]
+
+MAX_IN_FLIGHT = 16
+"""Commits a loop may have in flight: with one transaction per message, this many share
+an fsync instead of waiting for one each."""
+
+
+@dataclass
+class ProcessResult:
+    """What ``Consumer.process`` did."""
+
+    committed: int = 0  # input messages whose outputs and ack were committed
+    failed: int = 0  # handler raised: the message was nacked, its outputs discarded
+    aborted: int = 0  # transactions refused (a lease expired, timeout): inputs come back
+
+
+class OutputsBase:
+    """A handler's outputs for one input message, committed with that message's ack."""
+
+    __slots__ = ("_core", "_items", "_source")
+
+    def __init__(self, core: TransactionCore, source: MessageBase) -> None:
+        self._core = core
+        self._source = source
+        self._items: list[tuple[str, Send]] = []
+
+    def _flush(self) -> None:
+        self._core.add_all(self._items, self._source)
+
+
+class Receive(NamedTuple):
+    """Receive up to ``want`` messages within ``wait`` seconds; reply: the list, or None
+    once the consumer is closed."""
+
+    want: int
+    wait: float
+
+
+class Handle(NamedTuple):
+    """Run the handler on ``msg`` and flush ``out``; reply: None, or the Exception."""
+
+    msg: Any
+    out: Any
+
+
+class Nack(NamedTuple):
+    msg: Any
+    error: str
+
+
+class Release(NamedTuple):
+    msg: Any
+
+
+class Wait(NamedTuple):
+    """Wait for ``ticket``; its error is thrown into the loop."""
+
+    ticket: Ticket
+
+
+Command = Receive | Handle | Nack | Release | Wait
+
+
+def check_arguments(batch: object, interval: object, timeout: object) -> None:
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        raise UsageError(f"batch must be at least 1 message, not {batch!r}")
+    check_seconds("interval", interval)
+    check_seconds("transaction timeout", timeout)
+
+
+def steps(
+    engine: Engine,
+    make_outputs: Callable[[TransactionCore, Any], OutputsBase],
+    *,
+    transactional_id: str,
+    batch: int,
+    interval: float,
+    timeout: float,
+    limit: int | None,
+    idle: float | None,
+    stop: Callable[[], bool] | None,
+    on_commit: Callable[[list[Any]], None] | None,
+) -> Generator[Command, Any, ProcessResult]:
+    """The loop of ``Consumer.process``; see the module docstring."""
+    result = ProcessResult()
+    tx: TransactionCore | None = None
+    batch_msgs: list[Any] = []  # handled, in ``tx``, not yet submitted
+    in_flight: deque[tuple[Ticket, list[Any]]] = deque()
+    pending = 0  # messages in ``in_flight``
+    opened = last_seen = time.monotonic()
+    epoch = engine.begin_transaction(transactional_id)
+
+    def settle_one() -> Generator[Command, Any, None]:
+        nonlocal pending
+        ticket, msgs = in_flight.popleft()
+        pending -= len(msgs)
+        yield Wait(ticket)  # a storage failure is thrown in: the broker stopped
+        result.committed += len(msgs)
+        if on_commit is not None:
+            on_commit(msgs)
+
+    def commit() -> Generator[Command, Any, None]:
+        nonlocal tx, batch_msgs, pending
+        assert tx is not None
+        current, msgs = tx, batch_msgs
+        tx, batch_msgs = None, []
+        while len(in_flight) >= MAX_IN_FLIGHT:
+            yield from settle_one()
+        try:
+            ticket = current.submit()
+        except ProducerFenced:
+            # a newer holder took over: hand it this batch's messages at once
+            for m in msgs:
+                yield Release(m)
+            raise
+        except (ReceiptError, TransactionTimedOut):
+            result.aborted += 1  # nothing took effect; the inputs are redelivered
+            return
+        ticket.add_done_callback(lambda: current.finished(ticket._error is None))
+        in_flight.append((ticket, msgs))
+        pending += len(msgs)
+
+    try:
+        while True:
+            held = len(batch_msgs)
+            done = result.committed + result.failed + pending + held
+            if (stop is not None and stop()) or (limit is not None and done >= limit):
+                break
+            now = time.monotonic()
+            if idle is not None and not held and not in_flight and now - last_seen >= idle:
+                break
+            want = batch - held if limit is None else min(batch - held, limit - done)
+            if held:
+                wait = max(0.0, interval - (now - opened))
+            elif in_flight:
+                wait = 0.0  # take what is there; settle the commits if nothing is
+            else:
+                wait = 0.1 if stop is not None else 1.0
+                if idle is not None:
+                    wait = min(wait, max(0.0, idle - (now - last_seen)))
+            msgs = yield Receive(want, wait)
+            if msgs is None:
+                break  # the consumer was closed
+            if not msgs and not held:
+                while in_flight:  # nothing to overlap the commits with: finish them
+                    yield from settle_one()
+                continue
+            if msgs:
+                last_seen = time.monotonic()
+                if tx is None:
+                    tx = TransactionCore(engine, transactional_id, timeout, epoch)
+                    opened = last_seen
+            for msg in msgs:
+                assert tx is not None
+                out = make_outputs(tx, msg)
+                error = yield Handle(msg, out)  # runs the handler, then out._flush()
+                if error is not None:
+                    result.failed += 1
+                    yield Nack(msg, f"{type(error).__name__}: {error}")
+                    continue
+                tx.ack(msg)
+                batch_msgs.append(msg)
+            if tx is not None and (
+                len(batch_msgs) >= batch or time.monotonic() - opened >= interval
+            ):
+                if batch_msgs:
+                    yield from commit()
+                else:
+                    tx.abort()
+                    tx = None
+    finally:
+        if tx is not None:
+            if batch_msgs and not engine.closed:
+                yield from commit()
+            else:
+                tx.abort()
+        while in_flight:
+            yield from settle_one()
+        engine.end_transaction(transactional_id, epoch)
+    return result
