@@ -277,10 +277,8 @@ class Transaction:
     must still be leased at commit: if a lease expired meanwhile the whole transaction is
     refused (LeaseExpired), since another consumer may be processing the message."""
 
-    def __init__(
-        self, engine: Engine, tid: str, timeout: float, epoch: tuple[int, int] | None = None
-    ) -> None:
-        self._core = TransactionCore(engine, tid, timeout, epoch)
+    def __init__(self, engine: Engine, tid: str, timeout: float) -> None:
+        self._core = TransactionCore(engine, tid, timeout)
 
     def __repr__(self) -> str:
         return repr(self._core)
@@ -335,7 +333,7 @@ class Transaction:
         try:
             ticket.wait(timeout)
         except TimeoutError:
-            raise
+            raise  # not known yet: the commit may still complete (the state says so)
         except BaseException:
             self._core.finished(False)
             raise

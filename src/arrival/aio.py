@@ -262,10 +262,8 @@ class Producer:
 class Transaction:
     """The async twin of ``arrival.Transaction``; use it as ``async with``."""
 
-    def __init__(
-        self, engine: Engine, tid: str, timeout: float, epoch: tuple[int, int] | None = None
-    ) -> None:
-        self._core = TransactionCore(engine, tid, timeout, epoch)
+    def __init__(self, engine: Engine, tid: str, timeout: float) -> None:
+        self._core = TransactionCore(engine, tid, timeout)
 
     def __repr__(self) -> str:
         return repr(self._core)
