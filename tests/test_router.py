@@ -156,3 +156,45 @@ def test_router_sends_are_idempotent_on_exactly_once_queues(
     again = router.send("payment", b"p", id="pay-1")
     assert first == again
     assert broker.stats("payments").sent == 1
+
+
+# -- the async twin ---------------------------------------------------------------------
+
+
+def test_aio_router_routes_checks_and_sends() -> None:
+    import asyncio
+
+    import arrival.aio
+
+    async def main() -> None:
+        broker = await arrival.aio.connect("memory:")
+        try:
+            r = arrival.aio.Router(broker)
+            await r.route("analytics", "events", guarantee="at-most-once")
+            await r.route(Payment, "payments")
+            with pytest.raises(RoutingError, match="requires exactly-once"):
+                await r.route(
+                    "refund", "refunds", guarantee="at-least-once", requires=Payment.__guarantee__
+                )
+            assert await broker.queues() == []  # created on first use
+            events = await r.consumer("analytics", "dash")
+            await r.send("analytics", b"view")
+            first = await r.send(Payment(id=1, cents=5), id="pay-1")
+            assert await r.send(Payment(id=1, cents=5), id="pay-1") == first  # dedup
+            got = await events.receive(timeout=1)
+            assert got is not None
+            assert got.headers["arrival-type"] == "analytics"
+            pay = await (await r.consumer(Payment, "billing", requires="exactly-once")).receive(
+                timeout=1
+            )
+            assert pay is not None
+            assert msgspec.json.decode(pay.body, type=Payment) == Payment(id=1, cents=5)
+            with pytest.raises(RoutingError, match="requires exactly-once"):
+                await r.consumer("analytics", "x", requires="exactly-once")
+            await broker.create_queue("orders", "at-least-once")
+            with pytest.raises(GuaranteeMismatch):
+                await r.route("order", "orders", guarantee="exactly-once")
+        finally:
+            await broker.close()
+
+    asyncio.run(main())

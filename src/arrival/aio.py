@@ -17,6 +17,8 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any
 
+import msgspec
+
 from arrival._clock import Clock
 from arrival._common import (
     DEFAULT_TRANSACTION_TIMEOUT_S,
@@ -54,11 +56,13 @@ from arrival.model import (
     BrokerStats,
     ConsumerStats,
     DropPolicy,
+    Guarantee,
     QueueDescription,
     QueueSpec,
     QueueStats,
     StoredMessage,
 )
+from arrival.router import Route, _Routes
 from arrival.semantics.spec import UNSET
 from arrival.storage.base import Storage
 
@@ -71,6 +75,7 @@ __all__ = [
     "Outputs",
     "ProcessResult",
     "Producer",
+    "Router",
     "Transaction",
     "connect",
 ]
@@ -546,3 +551,71 @@ class DeadLetters:
     async def purge(self, where: Callable[[DeadMessage], bool] | None = None) -> int:
         await _committed(self._engine.flush())
         return await asyncio.to_thread(self._engine.purge_dead_letters, self.queue, where)
+
+
+class Router:
+    """The async twin of ``arrival.Router``: ``route`` and ``consumer`` are awaited too,
+    since they may declare the queue."""
+
+    def __init__(self, broker: Broker) -> None:
+        self._broker = broker
+        self._r = _Routes()
+        self._producer = broker.producer()
+
+    def __repr__(self) -> str:
+        return f"<arrival.aio.Router {len(self._r.routes)} routes>"
+
+    @property
+    def routes(self) -> dict[str, Route]:
+        return dict(self._r.routes)
+
+    async def route(
+        self,
+        message_type: str | type,
+        queue: str,
+        guarantee: str | Guarantee | None = None,
+        *,
+        requires: str | Guarantee | None = None,
+        **queue_options: Any,
+    ) -> Route:
+        exists = queue in await self._broker.queues()
+        existing = self._broker.engine.spec(queue).guarantee if exists else None
+        r = self._r.declare(message_type, queue, guarantee, requires, queue_options, existing)
+        if exists:
+            await self._broker.create_queue(queue, r.guarantee.value, **queue_options)
+            self._r.created.add(queue)
+        self._r.routes[r.type_name] = r
+        return r
+
+    def route_for(self, message_type: str | type) -> Route:
+        return self._r.route_for(message_type)
+
+    async def _queue(self, r: Route) -> str:
+        if r.queue not in self._r.created:
+            await self._broker.create_queue(r.queue, r.guarantee.value, **r.options)
+            self._r.created.add(r.queue)
+        return r.queue
+
+    async def send(
+        self,
+        message: str | type | msgspec.Struct,
+        body: bytes | None = None,
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        id: str | None = None,  # noqa: A002 - the SPEC's name
+    ) -> int | None:
+        r, data, h = self._r.encode(message, body, headers)
+        return await self._producer.send(await self._queue(r), data, key=key, headers=h, id=id)
+
+    async def consumer(
+        self,
+        message_type: str | type,
+        group: str = "default",
+        *,
+        requires: str | Guarantee | None = None,
+        start: str = "earliest",
+    ) -> Consumer:
+        r = self.route_for(message_type)
+        self._r.check_consumer(r, requires)
+        return self._broker.consumer(await self._queue(r), group, start=start)
