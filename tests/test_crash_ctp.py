@@ -255,9 +255,9 @@ def test_ctp_killed_keeps_every_effect_exactly_once(tmp_path: Path, seed: int, b
 @pytest.mark.parametrize(
     ("crashpoint", "ids"),
     [
-        ("writer.before-commit=0.05", "per-run"),
-        ("writer.after-commit=0.05", "derived"),
-        ("writer.after-ack=0.05", "per-run"),
+        ("writer.before-commit=0.2", "per-run"),
+        ("writer.after-commit=0.2", "derived"),
+        ("writer.after-ack=0.2", "per-run"),
     ],
 )
 def test_ctp_crash_points_keep_every_effect_exactly_once(

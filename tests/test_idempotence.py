@@ -866,7 +866,8 @@ def test_producer_state_is_committed_with_the_send(stores: Stores, gated: list[G
     ticket.wait(GATE_WAIT_S)
     assert [q for q, *_ in ws.batches] == ["q"]
     assert set(ws.producers) == {"p"}  # one atomic write: batch, producer state and id
-    assert [(q, mid, off) for q, mid, off, _ts in ws.ids] == [("q", "a", 0)]
+    assert [(q, first, last) for q, first, last, _ts, _data in ws.ids] == [("q", 0, 0)]
+    assert msgspec.msgpack.decode(ws.ids[0][4]) == [["a"], [0]]
     state = ws.producers["p"]
     assert state is not None
     epoch, last_seq, _last_send, recent = msgspec.msgpack.decode(state)

@@ -1277,7 +1277,9 @@ class Engine:
             ws.producers = self._producers.drain()
         for q in self._queues.values():
             if q.ids is not None and q.ids.added:
-                ws.ids.extend((q.name, mid, off, ts) for mid, off, ts in q.ids.drain())
+                row = q.ids.drain()
+                if row is not None:
+                    ws.ids.append((q.name, *row))
 
     def _trims(self) -> list[tuple[_Queue, int]]:
         now = self.clock.now()

@@ -301,6 +301,18 @@ def test_restore_of_damaged_state_raises_storage_error_naming_the_producer() -> 
 WINDOW = 60.0
 
 
+def added(ix: IdIndex, *entries: tuple[str, int, float]) -> None:
+    """Add ``entries`` and drain them: one stored set, as one commit makes."""
+    for mid, off, ts in entries:
+        ix.add(mid, off, ts)
+    assert ix.drain() is not None
+
+
+def decode_set(data: bytes) -> list[tuple[str, int]]:
+    s = msgspec.msgpack.decode(data)
+    return list(zip(s[0], s[1], strict=True))
+
+
 def test_id_index_add_and_get() -> None:
     ix = IdIndex(WINDOW)
     assert len(ix) == 0
@@ -311,35 +323,64 @@ def test_id_index_add_and_get() -> None:
     assert len(ix) == 2
 
 
-def test_id_index_drain_returns_additions_once() -> None:
+def test_id_index_drain_returns_one_set_of_the_additions_once() -> None:
     ix = IdIndex(WINDOW)
+    assert not ix.added
     ix.add("a", 0, T0)
     ix.add("b", 1, T0 + 1)
-    assert ix.drain() == [("a", 0, T0), ("b", 1, T0 + 1)]
-    assert ix.drain() == []
+    assert ix.added
+    first, last, ts, data = ix.drain()  # type: ignore[misc]
+    assert (first, last, ts) == (0, 1, T0 + 1)  # stored at: its newest id's time
+    assert decode_set(data) == [("a", 0), ("b", 1)]
+    assert ix.drain() is None
+    assert not ix.added
     ix.add("c", 2, T0 + 2)
-    assert ix.drain() == [("c", 2, T0 + 2)]
+    first, last, ts, data = ix.drain()  # type: ignore[misc]
+    assert (first, last, ts, decode_set(data)) == (2, 2, T0 + 2, [("c", 2)])
     assert ix.get("a") == 0  # draining forgets nothing
 
 
 def test_id_index_load_is_not_an_addition() -> None:
+    source = IdIndex(WINDOW)
+    source.add("a", 0, T0)
+    row1 = source.drain()
+    source.add("b", 4, T0 + 1)
+    row2 = source.drain()
+    assert row1 is not None
+    assert row2 is not None
     ix = IdIndex(WINDOW)
-    ix.load([("a", 0, T0), ("b", 4, T0 + 1)])
+    ix.load([row1, row2])
     assert (ix.get("a"), ix.get("b"), len(ix)) == (0, 4, 2)
-    assert ix.drain() == []  # already stored: nothing to write back
+    assert ix.drain() is None  # already stored: nothing to write back
     assert ix.expire(T0 + WINDOW + 5, low=10) == (T0 + 1, 5)  # loaded ids expire too
+    assert len(ix) == 0
+
+
+def test_id_index_refuses_an_unreadable_set() -> None:
+    ix = IdIndex(WINDOW)
+    with pytest.raises(StorageError, match="unreadable"):
+        ix.load([(0, 0, T0, b"\xc1 not msgpack")])
+    with pytest.raises(StorageError, match="damaged"):
+        ix.load([(0, 1, T0, msgspec.msgpack.encode([["a", "b"], [0]]))])
 
 
 def test_id_index_keeps_ids_within_the_window_even_when_deleted() -> None:
     ix = IdIndex(WINDOW)
-    ix.add("a", 0, T0)
+    added(ix, ("a", 0, T0))
     assert ix.expire(T0 + WINDOW, low=100) is None  # stored exactly a window ago: kept
+    assert ix.get("a") == 0
+
+
+def test_id_index_never_expires_ids_not_yet_stored() -> None:
+    ix = IdIndex(WINDOW)
+    ix.add("a", 0, T0)  # not drained: its set is not in the store yet
+    assert ix.expire(T0 + 10 * WINDOW, low=100) is None
     assert ix.get("a") == 0
 
 
 def test_id_index_keeps_ids_of_retained_messages_past_the_window() -> None:
     ix = IdIndex(WINDOW)
-    ix.add("a", 5, T0)
+    added(ix, ("a", 5, T0))
     assert ix.expire(T0 + 10 * WINDOW, low=5) is None  # offset 5 is still retained
     assert ix.get("a") == 5
     assert ix.expire(T0 + 10 * WINDOW, low=6) == (T0, 6)
@@ -347,31 +388,44 @@ def test_id_index_keeps_ids_of_retained_messages_past_the_window() -> None:
     assert len(ix) == 0
 
 
-def test_id_index_expire_returns_the_trim_for_the_store() -> None:
+def test_id_index_forgets_a_whole_set_at_a_time() -> None:
     ix = IdIndex(WINDOW)
-    for i, mid in enumerate("abcde"):
-        ix.add(mid, i, T0 + i)
-    # a, b, c are old enough; only a and b are below low
-    assert ix.expire(T0 + 2 + WINDOW + 0.5, low=2) == (T0 + 1, 2)
+    added(ix, ("a", 0, T0), ("b", 1, T0 + 1))
+    added(ix, ("c", 2, T0 + 2))
+    added(ix, ("d", 3, T0 + 3), ("e", 4, T0 + 4))
+    # the first set is old enough and deleted; the second is old enough but offset 2 is
+    # still retained; so it stops there
+    assert ix.expire(T0 + 4 + WINDOW + 0.5, low=2) == (T0 + 1, 2)
     assert [ix.get(m) for m in "abcde"] == [None, None, 2, 3, 4]
-    assert ix.expire(T0 + 2 + WINDOW + 0.5, low=2) is None  # nothing more to forget
+    assert ix.expire(T0 + 4 + WINDOW + 0.5, low=2) is None  # nothing more to forget
+    # a set whose newest id is within the window is kept whole, however old the others
+    assert ix.expire(T0 + 3.5 + WINDOW, low=5) == (T0 + 2, 3)
+    assert [ix.get(m) for m in "cde"] == [None, 3, 4]
     assert ix.expire(T0 + 100 + WINDOW, low=5) == (T0 + 4, 5)
     assert len(ix) == 0
 
 
-def test_id_index_expiry_stops_at_the_first_id_it_must_keep() -> None:
+def test_id_index_expiry_stops_at_the_first_set_it_must_keep() -> None:
     ix = IdIndex(WINDOW)
-    ix.add("young", 0, T0 + 50)  # offsets and times grow together in a queue
-    ix.add("later", 1, T0 + 60)
+    added(ix, ("young", 0, T0 + 50))  # offsets and times grow together in a queue
+    added(ix, ("later", 1, T0 + 60))
     assert ix.expire(T0 + 50 + WINDOW, low=10) is None
     assert (ix.get("young"), ix.get("later")) == (0, 1)
 
 
 def test_id_index_an_id_stored_again_after_expiry_survives_the_old_entry() -> None:
     ix = IdIndex(WINDOW)
-    ix.add("a", 0, T0)
+    added(ix, ("a", 0, T0))
     assert ix.expire(T0 + WINDOW + 1, low=1) == (T0, 1)
-    ix.add("a", 7, T0 + WINDOW + 2)
+    added(ix, ("a", 7, T0 + WINDOW + 2))
     assert ix.get("a") == 7
     assert ix.expire(T0 + WINDOW + 3, low=8) is None  # the new entry is within the window
     assert ix.get("a") == 7
+
+
+def test_id_index_an_old_set_does_not_forget_a_newer_offset_of_its_id() -> None:
+    ix = IdIndex(WINDOW)
+    added(ix, ("a", 0, T0))
+    added(ix, ("a", 3, T0 + 2 * WINDOW))  # a replayed copy, say
+    assert ix.expire(T0 + WINDOW + 1, low=10) == (T0, 1)
+    assert ix.get("a") == 3

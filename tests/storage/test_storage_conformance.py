@@ -562,7 +562,7 @@ TestStoresAgree.settings = settings(
 def test_a_write_set_of_dedup_state_alone_is_not_empty() -> None:
     # the engine skips empty write sets: dedup-only changes must still be committed
     assert WriteSet(producers={"p": None})
-    assert WriteSet(ids=[("q", "a", 0, 1.0)])
+    assert WriteSet(ids=[("q", 0, 0, 1.0, b"set")])
     assert WriteSet(id_trims={"q": (1.0, 1)})
 
 
@@ -584,71 +584,81 @@ def test_producer_states_survive_reopen_and_none_deletes_them(harness: Harness) 
     assert loaded.producers == {"p1": b"back", "p2": b"s2 v2", "p3": b"\x00\xff"}
 
 
-def test_message_ids_load_per_queue_ordered_by_time_then_offset(harness: Harness) -> None:
+def test_id_sets_load_per_queue_ordered_by_time_then_offset(harness: Harness) -> None:
     store, _ = harness.open()
     store.commit(
         WriteSet(
             ids=[
-                ("q", "b", 1, 10.5),
-                ("q", "a", 0, 10.0),
-                ("r", "a", 0, 3.25),
-                ("q", "y", 5, 20.0),
-                ("q", "x", 4, 20.0),  # same time: the lower offset first
+                ("q", 2, 3, 10.5, b"b"),
+                ("q", 0, 1, 10.0, b"a"),
+                ("r", 0, 9, 3.25, b"r"),
+                ("q", 8, 8, 20.0, b"y"),
+                ("q", 5, 7, 20.0, b"x"),  # same time: the lower offset first
             ]
         )
     )
-    store.commit(WriteSet(ids=[("q", "c", 2, 11.0)]))
+    store.commit(WriteSet(ids=[("q", 4, 4, 11.0, b"\x00" * 1000)]))
     _store, loaded = harness.reopen(store)
     assert loaded.ids == {
-        "q": [("a", 0, 10.0), ("b", 1, 10.5), ("c", 2, 11.0), ("x", 4, 20.0), ("y", 5, 20.0)],
-        "r": [("a", 0, 3.25)],
+        "q": [
+            (0, 1, 10.0, b"a"),
+            (2, 3, 10.5, b"b"),
+            (4, 4, 11.0, b"\x00" * 1000),
+            (5, 7, 20.0, b"x"),
+            (8, 8, 20.0, b"y"),
+        ],
+        "r": [(0, 9, 3.25, b"r")],
     }
-    mid, off, ts = loaded.ids["q"][0]
-    assert (type(mid), type(off), type(ts)) == (str, int, float)
+    first, last, ts, data = loaded.ids["q"][0]
+    assert (type(first), type(last), type(ts), type(data)) == (int, int, float, bytes)
 
 
-def test_message_id_timestamps_round_trip_exactly(harness: Harness) -> None:
+def test_id_set_timestamps_round_trip_exactly(harness: Harness) -> None:
     stamps = [1_700_000_000.0, 1_700_000_000.123456789, 0.1 + 0.2, 5e-324, 2.0**52 + 0.5]
     store, _ = harness.open()
-    store.commit(WriteSet(ids=[("q", f"id{i}", i, ts) for i, ts in enumerate(stamps)]))
+    store.commit(WriteSet(ids=[("q", i, i, ts, b"s") for i, ts in enumerate(stamps)]))
     _store, loaded = harness.reopen(store)
-    assert sorted(ts for _mid, _off, ts in loaded.ids["q"]) == sorted(stamps)
+    assert sorted(ts for _f, _l, ts, _d in loaded.ids["q"]) == sorted(stamps)
 
 
-def test_an_id_stored_again_replaces_its_earlier_row(harness: Harness) -> None:
+def test_a_set_stored_again_at_its_first_offset_replaces_the_earlier_one(
+    harness: Harness,
+) -> None:
     store, _ = harness.open()
-    store.commit(WriteSet(ids=[("q", "a", 0, 1.0), ("r", "a", 9, 1.0)]))
-    store.commit(WriteSet(ids=[("q", "a", 7, 50.0)]))  # stored again after it expired
+    store.commit(WriteSet(ids=[("q", 0, 2, 1.0, b"old"), ("r", 0, 2, 1.0, b"r")]))
+    store.commit(WriteSet(ids=[("q", 0, 5, 50.0, b"new")]))
     _store, loaded = harness.reopen(store)
-    assert loaded.ids == {"q": [("a", 7, 50.0)], "r": [("a", 9, 1.0)]}
+    assert loaded.ids == {"q": [(0, 5, 50.0, b"new")], "r": [(0, 2, 1.0, b"r")]}
 
 
-def test_id_trims_forget_ids_at_or_before_a_time_and_below_an_offset(harness: Harness) -> None:
+def test_id_trims_forget_sets_at_or_before_a_time_and_wholly_below_an_offset(
+    harness: Harness,
+) -> None:
     store, _ = harness.open()
-    rows = [("a", 0, 1.0), ("b", 1, 2.0), ("c", 2, 3.0), ("d", 3, 4.0)]
+    rows = [(0, 1, 1.0, b"a"), (2, 3, 2.0, b"b"), (4, 5, 3.0, b"c"), (6, 7, 4.0, b"d")]
     store.commit(WriteSet(ids=[("q", *r) for r in rows] + [("r", *r) for r in rows]))
-    store.commit(WriteSet(id_trims={"q": (2.0, 2)}))  # the time bound is inclusive
+    store.commit(WriteSet(id_trims={"q": (2.0, 4)}))  # the time bound is inclusive
     store, loaded = harness.reopen(store)
     assert loaded.ids["q"] == rows[2:]
-    store.commit(WriteSet(id_trims={"q": (4.0, 3)}))  # the offset bound is exclusive
+    store.commit(WriteSet(id_trims={"q": (4.0, 7)}))  # set (6, 7) reaches offset 7: kept
     store, loaded = harness.reopen(store)
-    assert loaded.ids["q"] == [("d", 3, 4.0)]
+    assert loaded.ids["q"] == [rows[3]]
     store.commit(WriteSet(id_trims={"q": (3.5, 100), "nothing-here": (100.0, 100)}))
     store, loaded = harness.reopen(store)
-    assert loaded.ids["q"] == [("d", 3, 4.0)]  # stored after the time bound: kept
+    assert loaded.ids["q"] == [rows[3]]  # stored after the time bound: kept
     assert loaded.ids["r"] == rows  # other queues untouched
-    store.commit(WriteSet(id_trims={"q": (4.0, 4)}))
+    store.commit(WriteSet(id_trims={"q": (4.0, 8)}))
     _store, loaded = harness.reopen(store)
     assert "q" not in loaded.ids  # no empty entry for a queue without ids
 
 
 def test_ids_added_and_trimmed_in_one_write_set(harness: Harness) -> None:
     store, _ = harness.open()
-    store.commit(WriteSet(ids=[("q", "old", 0, 1.0)]))
+    store.commit(WriteSet(ids=[("q", 0, 0, 1.0, b"old")]))
     # the engine stores a commit's new ids and its trim of expired ones together
-    store.commit(WriteSet(ids=[("q", "new", 5, 100.0)], id_trims={"q": (1.0, 1)}))
+    store.commit(WriteSet(ids=[("q", 5, 5, 100.0, b"new")], id_trims={"q": (1.0, 1)}))
     _store, loaded = harness.reopen(store)
-    assert loaded.ids == {"q": [("new", 5, 100.0)]}
+    assert loaded.ids == {"q": [(5, 5, 100.0, b"new")]}
 
 
 def test_dropping_a_queue_drops_its_ids_but_keeps_producers(harness: Harness) -> None:
@@ -656,13 +666,13 @@ def test_dropping_a_queue_drops_its_ids_but_keeps_producers(harness: Harness) ->
     store.commit(
         WriteSet(
             specs={"q": spec("q"), "r": spec("r")},
-            ids=[("q", "a", 0, 1.0), ("r", "b", 0, 1.0)],
+            ids=[("q", 0, 0, 1.0, b"a"), ("r", 0, 0, 1.0, b"b")],
             producers={"p": b"state"},
         )
     )
     store.commit(WriteSet(specs={"q": None}))
     store, loaded = harness.reopen(store)
-    assert loaded.ids == {"r": [("b", 0, 1.0)]}
+    assert loaded.ids == {"r": [(0, 0, 1.0, b"b")]}
     assert loaded.producers == {"p": b"state"}
     store.commit(WriteSet(specs={"q": spec("q")}))  # created again: no ids of the old one
     _store, loaded = harness.reopen(store)
@@ -673,20 +683,20 @@ def test_dropping_a_queue_drops_its_ids_but_keeps_producers(harness: Harness) ->
 def test_a_failed_commit_stores_no_dedup_state(harness: Harness) -> None:
     store, _ = harness.open()
     store.commit(
-        WriteSet(batches=[("q", 0, 1, b"x")], producers={"p": b"v1"}, ids=[("q", "a", 0, 1.0)])
+        WriteSet(batches=[("q", 0, 1, b"x")], producers={"p": b"v1"}, ids=[("q", 0, 0, 1.0, b"a")])
     )
     with pytest.raises(StorageError):
         store.commit(  # (q, 0) is stored already: the whole write set is refused
             WriteSet(
                 batches=[("q", 0, 1, b"again")],
                 producers={"p": b"v2", "new": b"n"},
-                ids=[("q", "b", 1, 2.0)],
+                ids=[("q", 1, 1, 2.0, b"b")],
                 id_trims={"q": (5.0, 5)},
             )
         )
     _store, loaded = harness.reopen(store)
     assert loaded.producers == {"p": b"v1"}
-    assert loaded.ids == {"q": [("a", 0, 1.0)]}
+    assert loaded.ids == {"q": [(0, 0, 1.0, b"a")]}
 
 
 PRODUCERS = ["p", "q", "r"]
@@ -720,12 +730,14 @@ class DedupStoresAgree(RuleBasedStateMachine):
             ),
             "producers",
         )
-        for _ in range(data.draw(st.integers(0, 4), "n ids")):
+        for _ in range(data.draw(st.integers(0, 3), "n id sets")):
             q = data.draw(st.sampled_from(QUEUES), "queue")
-            mid = data.draw(st.text(st.characters(codec="utf-8"), max_size=6), "id")
+            n = data.draw(st.integers(1, 4), "ids in the set")
             self.now += data.draw(st.floats(0, 5, allow_nan=False), "dt")
-            ws.ids.append((q, mid, self.next_off[q], self.now))
-            self.next_off[q] += 1
+            blob = data.draw(st.binary(max_size=12), "set")
+            first = self.next_off[q]
+            ws.ids.append((q, first, first + n - 1, self.now, blob))
+            self.next_off[q] += n
         ws.id_trims = data.draw(
             st.dictionaries(
                 st.sampled_from(QUEUES),

@@ -248,7 +248,7 @@ def populate_dedup(path: Path) -> None:
                 specs={"q": b"spec of q"},
                 batches=[("q", 0, 2, b"first batch")],
                 producers={"billing": b"producer state", "audit": b"other state"},
-                ids=[("q", "pay-1", 0, 1_700_000_000.5), ("q", "pay-2", 1, 1_700_000_001.0)],
+                ids=[("q", 0, 1, 1_700_000_000.5, b"ids 0-1"), ("q", 2, 2, 1_700_000_001.0, b"2")],
             )
         )
 
@@ -273,7 +273,9 @@ def test_undamaged_dedup_state_loads(data_dir: Path) -> None:
     try:
         loaded = store.load()
         assert loaded.producers == {"billing": b"producer state", "audit": b"other state"}
-        assert loaded.ids == {"q": [("pay-1", 0, 1_700_000_000.5), ("pay-2", 1, 1_700_000_001.0)]}
+        assert loaded.ids == {
+            "q": [(0, 1, 1_700_000_000.5, b"ids 0-1"), (2, 2, 1_700_000_001.0, b"2")]
+        }
     finally:
         store.close()
 
@@ -307,31 +309,33 @@ def test_a_producer_state_stored_as_text_raises_corrupt_data(data_dir: Path) -> 
 @pytest.mark.parametrize(
     ("sql", "needle"),
     [
-        ("UPDATE ids SET off=7 WHERE id='pay-1'", "'pay-1'"),
-        ("UPDATE ids SET ts=1700000000.25 WHERE id='pay-1'", "'pay-1'"),
-        ("UPDATE ids SET id='pay-9' WHERE id='pay-2'", "'pay-9'"),
-        ("UPDATE ids SET queue='r' WHERE id='pay-2'", "queue 'r'"),
-        ("UPDATE ids SET crc=crc+1 WHERE id='pay-1'", "'pay-1'"),
+        ("UPDATE idsets SET data=X'696473203120' WHERE first=0", "offset 0 of queue 'q'"),
+        ("UPDATE idsets SET data=CAST(data AS TEXT) WHERE first=0", "offset 0 of queue 'q'"),
+        ("UPDATE idsets SET last=7 WHERE first=0", "offset 0 of queue 'q'"),
+        ("UPDATE idsets SET ts=1700000000.25 WHERE first=0", "offset 0 of queue 'q'"),
+        ("UPDATE idsets SET first=9 WHERE first=2", "offset 9 of queue 'q'"),
+        ("UPDATE idsets SET queue='r' WHERE first=2", "queue 'r'"),
+        ("UPDATE idsets SET crc=crc+1 WHERE first=0", "offset 0 of queue 'q'"),
     ],
-    ids=["offset", "time", "id", "queue", "crc"],
+    ids=["data", "text", "last", "time", "first", "queue", "crc"],
 )
-def test_a_damaged_message_id_row_makes_load_raise_corrupt_data(
+def test_a_damaged_message_id_set_makes_load_raise_corrupt_data(
     data_dir: Path, sql: str, needle: str
 ) -> None:
     # a wrong offset would answer a retried send with another message's offset; a wrong
-    # time would forget the id too early: neither may be believed
+    # time would forget the ids too early: neither may be believed
     populate_dedup(data_dir)
     tamper(data_dir, sql)
-    assert_load_fails(data_dir, needle, "checksum")
+    assert_load_fails(data_dir, needle)
 
 
 def test_a_failed_load_of_dedup_state_releases_the_lock(data_dir: Path) -> None:
     populate_dedup(data_dir)
-    tamper(data_dir, "UPDATE ids SET off=7 WHERE id='pay-1'")
+    tamper(data_dir, "UPDATE idsets SET last=7 WHERE first=0")
     store = SqliteStorage(data_dir)
     with pytest.raises(CorruptData):
         store.load()
-    tamper(data_dir, "UPDATE ids SET off=0 WHERE id='pay-1'")  # repaired from a backup
+    tamper(data_dir, "UPDATE idsets SET last=1 WHERE first=0")  # repaired from a backup
     with opened(data_dir) as again:
         assert again.read("q", 0) == b"first batch"
     store.close()

@@ -166,48 +166,87 @@ class ProducerTable:
             )
 
 
-class IdIndex:
-    """The message ids stored in one queue, for deduplication by id."""
+class _IdSet(msgspec.Struct, array_like=True):
+    ids: list[str]
+    offsets: list[int]
 
-    __slots__ = ("added", "by_id", "order", "window")
+
+_set_enc = msgspec.msgpack.Encoder()
+_set_dec = msgspec.msgpack.Decoder(_IdSet)
+
+IdSetRow = tuple[int, int, float, bytes]
+"""A stored set of ids: (first offset, last offset, stored at, encoded ids and offsets)."""
+
+
+class IdIndex:
+    """The message ids stored in one queue, for deduplication by id.
+
+    Ids are stored as sets, one per commit that added any (not one row per id), and
+    forgotten a whole set at a time: when the newest id of the set is older than the
+    window and every message of the set is deleted.
+    """
+
+    __slots__ = ("_added_ids", "_added_offs", "_added_ts", "by_id", "order", "window")
 
     def __init__(self, window: float) -> None:
         self.window = window
         self.by_id: dict[str, int] = {}
-        self.order: deque[tuple[float, int, str]] = deque()  # (stored at, offset, id)
-        self.added: list[tuple[str, int, float]] = []  # not yet drained: (id, offset, ts)
+        self.order: deque[tuple[float, int, list[str], list[int]]] = deque()  # ts, last, ...
+        self._added_ids: list[str] = []  # not yet drained
+        self._added_offs: list[int] = []
+        self._added_ts = 0.0
 
     def __len__(self) -> int:
         return len(self.by_id)
+
+    @property
+    def added(self) -> bool:
+        return bool(self._added_ids)
 
     def get(self, mid: str) -> int | None:
         return self.by_id.get(mid)
 
     def add(self, mid: str, offset: int, now: float) -> None:
         self.by_id[mid] = offset
-        self.order.append((now, offset, mid))
-        self.added.append((mid, offset, now))
+        self._added_ids.append(mid)
+        self._added_offs.append(offset)
+        self._added_ts = now
 
-    def load(self, rows: list[tuple[str, int, float]]) -> None:
-        for mid, offset, ts in rows:
-            self.by_id[mid] = offset
-            self.order.append((ts, offset, mid))
+    def drain(self) -> IdSetRow | None:
+        """The ids added since the last drain as one set to store, or None."""
+        ids, offs = self._added_ids, self._added_offs
+        if not ids:
+            return None
+        self._added_ids, self._added_offs = [], []
+        first, last = min(offs), max(offs)
+        self.order.append((self._added_ts, last, ids, offs))
+        return (first, last, self._added_ts, _set_enc.encode(_IdSet(ids, offs)))
+
+    def load(self, rows: list[IdSetRow]) -> None:
+        """Rebuild from stored sets, oldest first."""
+        for _first, last, ts, data in rows:
+            try:
+                s = _set_dec.decode(data)
+            except msgspec.DecodeError as exc:
+                raise StorageError(f"a stored set of message ids is unreadable ({exc})") from exc
+            if len(s.ids) != len(s.offsets):
+                raise StorageError("a stored set of message ids is damaged (lengths differ)")
+            for mid, off in zip(s.ids, s.offsets, strict=True):
+                self.by_id[mid] = off
+            self.order.append((ts, last, s.ids, s.offsets))
 
     def expire(self, now: float, low: int) -> tuple[float, int] | None:
-        """Forget ids stored before ``now - window`` whose message is deleted (below
-        ``low``). Returns (stored before, offset below) for the store, or None."""
+        """Forget the sets stored before ``now - window`` whose messages are all deleted
+        (below ``low``). Returns (stored at or before, last offset below) for the store,
+        or None."""
         order = self.order
         horizon = now - self.window
-        last: tuple[float, int] | None = None
+        trim: tuple[float, int] | None = None
         while order and order[0][0] < horizon and order[0][1] < low:
-            ts, off, mid = order.popleft()
-            if self.by_id.get(mid) == off:
-                del self.by_id[mid]
-            last = (ts, off)
-        if last is None:
-            return None
-        return (last[0], last[1] + 1)
-
-    def drain(self) -> list[tuple[str, int, float]]:
-        added, self.added = self.added, []
-        return added
+            ts, last, ids, offs = order.popleft()
+            by_id = self.by_id
+            for mid, off in zip(ids, offs, strict=True):
+                if by_id.get(mid) == off:
+                    del by_id[mid]
+            trim = (ts, last + 1)
+        return trim

@@ -40,8 +40,10 @@ class WriteSet:
     groups: list[GroupRecord] = field(default_factory=list)
     trims: dict[str, int] = field(default_factory=dict)  # queue -> drop batches ending <= offset
     producers: dict[str, bytes | None] = field(default_factory=dict)  # None deletes
-    ids: list[tuple[str, str, int, float]] = field(default_factory=list)  # queue, id, offset, ts
-    # queue -> (ts, offset): forget ids stored at or before ts with an offset below offset
+    # sets of message ids: (queue, first offset, last offset, stored at, data)
+    ids: list[tuple[str, int, int, float, bytes]] = field(default_factory=list)
+    # queue -> (ts, offset): forget the id sets stored at or before ts whose last offset
+    # is below offset
     id_trims: dict[str, tuple[float, int]] = field(default_factory=dict)
     sync: bool = True
 
@@ -67,7 +69,8 @@ class Loaded:
     batches: dict[str, list[tuple[int, int]]]  # queue -> [(first, count)] in offset order
     groups: dict[tuple[str, str], list[tuple[int, bool, bytes]]]  # -> [(seq, snapshot, data)]
     producers: dict[str, bytes] = field(default_factory=dict)
-    ids: dict[str, list[tuple[str, int, float]]] = field(default_factory=dict)  # by stored time
+    # queue -> [(first, last, stored at, data)], by stored time then first offset
+    ids: dict[str, list[tuple[int, int, float, bytes]]] = field(default_factory=dict)
 
 
 class Storage(Protocol):

@@ -20,10 +20,6 @@ def _crc(data: bytes, *header: object) -> int:
     return zlib.crc32(data, zlib.crc32("\x1f".join(map(str, header)).encode()))
 
 
-def _by_time(row: tuple[str, int, float]) -> tuple[float, int]:
-    return (row[2], row[1])
-
-
 class MemoryStorage:
     def __init__(self) -> None:
         self._meta: dict[str, bytes] = {}
@@ -31,7 +27,7 @@ class MemoryStorage:
         self._batches: dict[str, dict[int, tuple[int, int, bytes]]] = {}  # first -> count,crc,data
         self._groups: dict[tuple[str, str], list[tuple[int, bool, bytes]]] = {}
         self._producers: dict[str, bytes] = {}
-        self._ids: dict[str, dict[str, tuple[int, float]]] = {}
+        self._ids: dict[str, dict[int, tuple[int, float, int, bytes]]] = {}  # first -> ...
         self._open = False
         self.syncs = 0
         self.commits = 0
@@ -62,11 +58,7 @@ class MemoryStorage:
             },
             groups={k: list(v) for k, v in self._groups.items()},
             producers=dict(self._producers),
-            ids={
-                q: sorted(((mid, off, ts) for mid, (off, ts) in ids.items()), key=_by_time)
-                for q, ids in self._ids.items()
-                if ids
-            },
+            ids={q: self._id_sets(q) for q, sets in self._ids.items() if sets},
         )
 
     def commit(self, ws: WriteSet) -> None:
@@ -103,12 +95,15 @@ class MemoryStorage:
                 self._producers.pop(pid, None)
             else:
                 self._producers[pid] = state
-        for queue, mid, off, ts in ws.ids:
-            self._ids.setdefault(queue, {})[mid] = (off, ts)
+        for queue, first, last, ts, data in ws.ids:
+            crc = _crc(data, queue, first, last, ts)
+            self._ids.setdefault(queue, {})[first] = (last, ts, crc, data)
         for queue, (before, below) in ws.id_trims.items():
-            ids = self._ids.get(queue, {})
-            for mid in [m for m, (o, t) in ids.items() if t <= before and o < below]:
-                del ids[mid]
+            sets = self._ids.get(queue, {})
+            for first in [
+                f for f, (last, t, _c, _d) in sets.items() if t <= before and last < below
+            ]:
+                del sets[first]
 
     def read(self, queue: str, first: int) -> bytes:
         self._check_open()
@@ -119,6 +114,16 @@ class MemoryStorage:
         if _crc(data, queue, first, count) != crc:
             raise CorruptData(f"batch at offset {first} of queue {queue!r} fails its checksum")
         return data
+
+    def _id_sets(self, queue: str) -> list[tuple[int, int, float, bytes]]:
+        out = []
+        for first, (last, ts, crc, data) in sorted(
+            self._ids[queue].items(), key=lambda kv: (kv[1][1], kv[0])
+        ):
+            if _crc(data, queue, first, last, ts) != crc:
+                raise CorruptData(f"message ids at offset {first} of queue {queue!r} are damaged")
+            out.append((first, last, ts, data))
+        return out
 
     def close(self) -> None:
         self._open = False

@@ -49,8 +49,9 @@ CREATE TABLE IF NOT EXISTS groups (id INTEGER PRIMARY KEY, queue TEXT NOT NULL,
 CREATE UNIQUE INDEX IF NOT EXISTS groups_by_seq ON groups (queue, grp, seq);
 CREATE TABLE IF NOT EXISTS producers (id TEXT PRIMARY KEY, crc INTEGER NOT NULL,
     state BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS ids (queue TEXT NOT NULL, id TEXT NOT NULL, off INTEGER NOT NULL,
-    ts REAL NOT NULL, crc INTEGER NOT NULL, PRIMARY KEY (queue, id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS idsets (queue TEXT NOT NULL, first INTEGER NOT NULL,
+    last INTEGER NOT NULL, ts REAL NOT NULL, crc INTEGER NOT NULL, data BLOB NOT NULL,
+    PRIMARY KEY (queue, first));
 """
 FORMAT_KEY = "arrival.format"  # the store's own; never shown to or written by the caller
 
@@ -219,13 +220,14 @@ class SqliteStorage:
             if _crc(_blob(state, f"producer {pid!r}"), pid) != crc:
                 raise CorruptData(f"the state of producer {pid!r} fails its checksum")
             producers[pid] = state
-        ids: dict[str, list[tuple[str, int, float]]] = {}
-        for queue, mid, off, ts, crc in db.execute(
-            "SELECT queue, id, off, ts, crc FROM ids ORDER BY queue, ts, off"
+        ids: dict[str, list[tuple[int, int, float, bytes]]] = {}
+        for queue, first, last, ts, crc, data in db.execute(
+            "SELECT queue, first, last, ts, crc, data FROM idsets ORDER BY queue, ts, first"
         ):
-            if _crc(b"", queue, mid, off, ts) != crc:
-                raise CorruptData(f"message id {mid!r} of queue {queue!r} fails its checksum")
-            ids.setdefault(queue, []).append((mid, off, ts))
+            what = f"the message ids at offset {first} of queue {queue!r}"
+            if _crc(_blob(data, what), queue, first, last, ts) != crc:
+                raise CorruptData(f"{what} fail their checksum: the store is damaged")
+            ids.setdefault(queue, []).append((first, last, ts, data))
         return Loaded(
             meta=meta, specs=specs, batches=batches, groups=groups, producers=producers, ids=ids
         )
@@ -276,7 +278,7 @@ class SqliteStorage:
                 db.execute("DELETE FROM queues WHERE name = ?", (name,))
                 db.execute("DELETE FROM batches WHERE queue = ?", (name,))
                 db.execute("DELETE FROM groups WHERE queue = ?", (name,))
-                db.execute("DELETE FROM ids WHERE queue = ?", (name,))
+                db.execute("DELETE FROM idsets WHERE queue = ?", (name,))
             else:
                 db.execute(
                     "INSERT OR REPLACE INTO queues VALUES (?, ?, ?)", (name, _crc(spec, name), spec)
@@ -314,12 +316,16 @@ class SqliteStorage:
                 )
         if ws.ids:
             db.executemany(
-                "INSERT OR REPLACE INTO ids VALUES (?, ?, ?, ?, ?)",
-                [(q, mid, off, ts, _crc(b"", q, mid, off, ts)) for q, mid, off, ts in ws.ids],
+                "INSERT OR REPLACE INTO idsets VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (q, first, last, ts, _crc(data, q, first, last, ts), data)
+                    for q, first, last, ts, data in ws.ids
+                ],
             )
         for queue, (before, below) in ws.id_trims.items():
             db.execute(
-                "DELETE FROM ids WHERE queue = ? AND ts <= ? AND off < ?", (queue, before, below)
+                "DELETE FROM idsets WHERE queue = ? AND ts <= ? AND last < ?",
+                (queue, before, below),
             )
 
     def read(self, queue: str, first: int) -> bytes:
