@@ -71,3 +71,69 @@ def test_the_rules_can_fail(tmp_path: Path) -> None:
     bad = tmp_path / "bad.py"
     bad.write_text("from arrival.storage.sqlite import SqliteStorage\nimport arrival.engine\n")
     assert _imports(bad) == {"arrival.storage.sqlite", "arrival.engine"}
+
+
+_FORBIDDEN_IN_PROTOCOL = ("socket", "asyncio", "time", "selectors", "ssl")
+
+
+def _all_imports(source: str, package: str) -> set[str]:
+    """Every module ``source`` imports, stdlib included; relative imports are resolved
+    against ``package`` (``from .. import engine`` in arrival.protocol is arrival.engine)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                names.add(node.module or "")
+                continue
+            parts = package.split(".")
+            base = ".".join(parts[: len(parts) - node.level + 1])
+            if node.module:
+                names.add(f"{base}.{node.module}")
+            else:
+                names.update(f"{base}.{a.name}" for a in node.names)
+    return names
+
+
+def _protocol_violations(source: str) -> set[str]:
+    bad = set()
+    for mod in _all_imports(source, "arrival.protocol"):
+        top = mod.split(".")[0]
+        ours = (mod + ".").startswith("arrival.protocol.")
+        if top in _FORBIDDEN_IN_PROTOCOL or (top == "arrival" and not ours):
+            bad.add(mod)
+    return bad
+
+
+def test_protocol_is_sans_io_and_self_contained() -> None:
+    files = sorted((SRC / "protocol").rglob("*.py"))
+    assert len(files) >= 3  # __init__, connection, events
+    for p in files:
+        bad = _protocol_violations(p.read_text())
+        assert not bad, (
+            f"{p.relative_to(SRC)} imports {sorted(bad)}: the protocol is sans-IO (no "
+            "sockets, event loop or clock) and imports nothing of arrival but arrival.protocol"
+        )
+
+
+def test_the_protocol_rule_can_fail() -> None:
+    bad = (
+        "import time\nimport asyncio.streams\nfrom socket import socket\nimport ssl, selectors\n"
+        "from arrival.errors import UsageError\nfrom arrival import engine\n"
+        "from arrival.protocol.events import Hello\nimport struct, enum\nimport arrival.protocol\n"
+        "from . import events\nfrom .. import engine\nfrom ..semantics import dedup\n"
+        "from .connection import Connection\n"
+    )
+    assert _protocol_violations(bad) == {
+        "time",
+        "asyncio.streams",
+        "socket",
+        "ssl",
+        "selectors",
+        "arrival.errors",
+        "arrival",
+        "arrival.engine",
+        "arrival.semantics",
+    }
+    assert _protocol_violations("import timeit\nimport sslkeylog\nimport typing\n") == set()
