@@ -404,7 +404,7 @@ def sent_never_acked(n_messages: int, acked: set[int]) -> int:
 
 
 def test_consumer_killed_loses_nothing(tmp_path: Path, seed: int) -> None:
-    consumer_scenario(tmp_path, seed, rounds=6, n_messages=8000)
+    consumer_scenario(tmp_path, seed, rounds=6, n_messages=20_000)
 
 
 def at_most_once_scenario(tmp_path: Path, seed: int, rounds: int, per_round: int) -> None:
@@ -482,7 +482,7 @@ def test_crash_long(tmp_path: Path, seed: int, request: pytest.FixtureRequest) -
         check_producer_scenario(tmp_path / f"p{k}", seed + k, rounds=10, crashpoint=None)
     for point in ("writer.before-commit=0.02", "writer.after-commit=0.02"):
         check_producer_scenario(tmp_path / point, seed, rounds=20, crashpoint=point)
-    consumer_scenario(tmp_path / "c", seed, rounds=30, n_messages=60_000)
+    consumer_scenario(tmp_path / "c", seed, rounds=30, n_messages=150_000)
     at_most_once_scenario(tmp_path / "a", seed, rounds=30, per_round=5000)
 
 

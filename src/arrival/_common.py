@@ -15,10 +15,9 @@ from typing import Any
 
 from arrival._clock import Clock
 from arrival._codec import RecordTuple
-from arrival.engine import Engine, ProducerSeq, Send, Ticket, TxnAcks
+from arrival.engine import Engine, ProducerSeq, Send, Ticket, TxnAcks, check_size
 from arrival.errors import (
     DedupHorizonPassed,
-    MessageTooLarge,
     NotSupported,
     TransactionError,
     UsageError,
@@ -341,11 +340,7 @@ class TransactionCore:
             limit = self.limits.get(queue)
             if limit is None:  # raises UnknownQueue now rather than at commit
                 limit = self.limits[queue] = self.engine.spec(queue).max_message_bytes
-            n = len(body)
-            if headers:
-                n += sum(len(k) + len(v) for k, v in headers.items())
-            if n > limit:
-                raise MessageTooLarge(queue, n, limit)
+            check_size(queue, limit, headers, body)
             size += len(body)
         if self.nbytes + size > MAX_TRANSACTION_BYTES:
             raise TransactionError(

@@ -110,6 +110,23 @@ _ticket_lock = threading.Lock()
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,199}")  # producer and transactional ids
 
 
+def _check_id(what: str, value: object) -> None:
+    if not isinstance(value, str) or not _ID.fullmatch(value):
+        raise UsageError(
+            f"{what} is 1-200 characters of letters, digits, '.', '_', ':' and '-', "
+            f"starting with a letter or digit; not {value!r}"
+        )
+
+
+def check_size(queue: str, limit: int, headers: dict[str, str] | None, body: bytes) -> None:
+    """Raise MessageTooLarge if body and headers exceed ``limit`` bytes."""
+    size = len(body)
+    if headers:
+        size += sum(len(k) + len(v) for k, v in headers.items())
+    if size > limit:
+        raise MessageTooLarge(queue, size, limit)
+
+
 class Ticket:
     """Completes when a durable write is committed (or failed). Wait, or add a callback."""
 
@@ -609,11 +626,7 @@ class Engine:
         limit = self._queue(queue).spec.max_message_bytes  # specs never change once created
         records: list[RecordTuple] = []
         for mid, key, headers, body in messages:
-            size = len(body)
-            if headers:
-                size += sum(len(k) + len(v) for k, v in headers.items())
-            if size > limit:
-                raise MessageTooLarge(queue, size, limit)
+            check_size(queue, limit, headers, body)
             records.append((now, mid, key, headers, body))
         return records
 
@@ -634,11 +647,7 @@ class Engine:
 
     def register_producer(self, producer: str) -> int:
         """Open a new incarnation of ``producer``; returns its epoch, fencing earlier ones."""
-        if not isinstance(producer, str) or not _ID.fullmatch(producer):
-            raise UsageError(
-                f"a producer id is 1-200 characters of letters, digits, '.', '_', ':' and "
-                f"'-', starting with a letter or digit; not {producer!r}"
-            )
+        _check_id("a producer id", producer)
         with self._lock:
             self._check_open()
             epoch = self._producers.register(producer, self.clock.now())
@@ -908,11 +917,7 @@ class Engine:
 
     def begin_transaction(self, tid: str) -> tuple[int, int]:
         """Open transactional id ``tid``; the returned epoch fences every earlier holder."""
-        if not isinstance(tid, str) or not _ID.fullmatch(tid):
-            raise UsageError(
-                f"a transactional id is 1-200 characters of letters, digits, '.', '_', ':' "
-                f"and '-', starting with a letter or digit; not {tid!r}"
-            )
+        _check_id("a transactional id", tid)
         with self._lock:
             self._check_open()
             return self._txns.begin(tid)

@@ -99,6 +99,23 @@ def run_bench(
             shutil.rmtree(own_dir, ignore_errors=True)
 
 
+def _producers(
+    broker: arrival.Broker, queue: str, body: bytes, count: int, producers: int, batch: int
+) -> list[threading.Thread]:
+    """Threads (not started) that send ``count`` copies of ``body`` in batches, together."""
+
+    def produce(n: int) -> None:
+        p = broker.producer()
+        left = n
+        while left > 0:
+            k = min(batch, left)
+            p.send_batch(queue, [body] * k)
+            left -= k
+
+    shares = [count // producers + (i < count % producers) for i in range(producers)]
+    return [threading.Thread(target=produce, args=(n,), name="bench-producer") for n in shares]
+
+
 def _run(
     guarantee: str,
     count: int,
@@ -117,17 +134,8 @@ def _run(
         consumer = broker.consumer(queue, "bench")
         body = os.urandom(size)
         before = broker.info()
-        per_producer = [count // producers + (i < count % producers) for i in range(producers)]
         produced_all = threading.Event()
         consumed = _Consumed()
-
-        def produce(n: int) -> None:
-            p = broker.producer()
-            left = n
-            while left > 0:
-                k = min(batch, left)
-                p.send_batch(queue, [body] * k)
-                left -= k
 
         def consume() -> None:
             try:
@@ -148,9 +156,7 @@ def _run(
                 consumed.error = exc
 
         c = threading.Thread(target=consume, name="bench-consumer")
-        ps = [
-            threading.Thread(target=produce, args=(n,), name="bench-producer") for n in per_producer
-        ]
+        ps = _producers(broker, queue, body, count, producers, batch)
         start = time.perf_counter()
         c.start()
         for t in ps:
@@ -202,16 +208,7 @@ def _run_ctp(
         broker.create_queue(sink, "exactly-once")
         body = os.urandom(size)
         before = broker.info()
-        per_producer = [count // producers + (i < count % producers) for i in range(producers)]
         consumed = _Consumed()
-
-        def produce(n: int) -> None:
-            p = broker.producer()
-            left = n
-            while left > 0:
-                k = min(batch, left)
-                p.send_batch(source, [body] * k)
-                left -= k
 
         def handle(msg: arrival.Message, out: arrival.Outputs) -> None:
             out.send(sink, msg.body)
@@ -240,7 +237,7 @@ def _run_ctp(
                 consumed.error = exc
 
         cs = [threading.Thread(target=process, args=(i,)) for i in range(consumers)]
-        ps = [threading.Thread(target=produce, args=(n,)) for n in per_producer]
+        ps = _producers(broker, source, body, count, producers, batch)
         start = time.perf_counter()
         for t in (*cs, *ps):
             t.start()
