@@ -13,17 +13,29 @@ from pathlib import Path
 import pytest
 
 import arrival
+from arrival.engine import Engine
 from arrival.storage.base import Storage
 from arrival.storage.memory import MemoryStorage
 from arrival.storage.sqlite import SqliteStorage
 from arrival.testing import FakeClock
+from inprocess_server import InProcessServer
 
-STORES = ["memory", "sqlite"]
+STORES = ["memory", "sqlite", "server"]
 
 
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
+
+
+SERVERS: dict[int, InProcessServer] = {}  # by id(client broker), while it is open
+
+
+def engine_of(broker: arrival.Broker) -> Engine:
+    """The engine behind ``broker``: its own, or its in-process server's (to inspect
+    storage, the clock, or to crash it)."""
+    server = SERVERS.get(id(broker))
+    return server.engine if server is not None else broker.engine
 
 
 class Stores:
@@ -35,22 +47,44 @@ class Stores:
         self.clock = clock
         self._memory = MemoryStorage()
         self.open_brokers: list[arrival.Broker] = []
+        self.servers: dict[int, InProcessServer] = {}  # by id(broker), for "server"
 
     def storage(self) -> Storage:
-        return self._memory if self.kind == "memory" else SqliteStorage(self.path)
+        self._reap()
+        return SqliteStorage(self.path) if self.kind == "sqlite" else self._memory
+
+    def _reap(self) -> None:
+        """A server whose client closed closes too, as the embedded broker would."""
+        for b in self.open_brokers:
+            server = self.servers.get(id(b))
+            if server is not None and b.closed:
+                server.stop()
 
     def open(self, seed: int = 0) -> arrival.Broker:
-        b = arrival.connect(self.storage(), clock=self.clock, rng=random.Random(seed))
+        if self.kind == "server":
+            server = InProcessServer(self.storage(), self.clock, random.Random(seed))
+            b = arrival.connect(server.url)
+            self.servers[id(b)] = SERVERS[id(b)] = server
+        else:
+            b = arrival.connect(self.storage(), clock=self.clock, rng=random.Random(seed))
         self.open_brokers.append(b)
         return b
 
     def crash(self, broker: arrival.Broker) -> None:
         """Stop ``broker`` as SIGKILL would: nothing pending is committed."""
-        broker.engine.abandon()
+        server = self.servers.get(id(broker))
+        if server is not None:
+            server.crash()
+            broker.close()
+        else:
+            broker.engine.abandon()
 
     def close_all(self) -> None:
         for b in self.open_brokers:
             b.close()  # a no-op for brokers already closed or crashed
+        for key, server in self.servers.items():
+            server.stop()
+            SERVERS.pop(key, None)
 
 
 @pytest.fixture(params=STORES)

@@ -13,7 +13,7 @@ import arrival
 import arrival.aio
 from arrival.errors import ClosedError, LeaseExpired, NotSupported, UnknownQueue
 from arrival.testing import FakeClock
-from conftest import Stores
+from conftest import Stores, engine_of
 
 T = TypeVar("T")
 
@@ -104,7 +104,7 @@ def test_async_context_managers(stores: Stores, clock: FakeClock) -> None:
             again = await b.consumer("q", "g").receive(timeout=0)
             assert again is not None
             assert again.attempt == 2
-        assert b.engine.closed
+        assert engine_of(b).closed
 
     run(main())
 
@@ -218,11 +218,11 @@ def test_concurrent_sends_all_land(stores: Stores, clock: FakeClock) -> None:
     async def body(b: arrival.aio.Broker) -> None:
         await b.create_queue("q", "at-least-once")
         p = b.producer()
-        syncs = b.engine.storage.syncs
+        syncs = engine_of(b).storage.syncs
         offsets = await asyncio.gather(*(p.send("q", b"%d" % i) for i in range(n)))
         assert sorted(o for o in offsets if o is not None) == list(range(n))
         if stores.kind == "sqlite":
-            assert b.engine.storage.syncs - syncs < n  # group commit shared fsyncs
+            assert engine_of(b).storage.syncs - syncs < n  # group commit shared fsyncs
         got = await b.consumer("q", "g").receive_batch(n + 10, timeout=0)
         by_offset = {m.offset: m.body for m in got}
         assert len(got) == n
@@ -353,12 +353,12 @@ def test_a_closed_event_loop_does_not_break_the_engine(broker: arrival.Broker) -
     writer thread, nor stop other users of the broker."""
     import asyncio as _asyncio
 
-    from arrival.aio import _call_soon
+    from arrival._pending import wake_soon
 
     loop = _asyncio.new_event_loop()
     fut: _asyncio.Future[None] = loop.create_future()
     loop.close()
-    _call_soon(loop, fut)  # would raise RuntimeError("Event loop is closed")
+    wake_soon(loop, fut)  # would raise RuntimeError("Event loop is closed")
     assert not fut.done()
     broker.create_queue("q", "at-least-once")
     assert broker.producer().send("q", b"still fine") == 0

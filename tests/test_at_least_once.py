@@ -10,7 +10,7 @@ import pytest
 import arrival
 from arrival.errors import AlreadySettled, ClosedError, LeaseExpired
 from arrival.testing import FakeClock
-from conftest import NO_BACKOFF, Stores
+from conftest import NO_BACKOFF, Stores, engine_of
 from conftest import bodies as _bodies
 from conftest import drain as _drain
 
@@ -39,7 +39,7 @@ def test_send_returns_consecutive_offsets_and_message_fields(broker: arrival.Bro
     )
     assert (m1.offset, m1.redelivered, m1.lease_lost) == (0, False, False)
     assert (m2.body, m2.key, m2.headers, m2.id, m2.offset) == (b"b", None, {}, "q:1", 1)
-    assert m1.timestamp == broker.engine.clock.now()
+    assert m1.timestamp == engine_of(broker).clock.now()
 
 
 def test_send_batch_with_envelopes_keeps_fields_and_order(broker: arrival.Broker) -> None:
@@ -73,7 +73,7 @@ def test_concurrent_sends_from_threads_all_land(stores: Stores) -> None:
     broker.create_queue("q", "at-least-once")
     threads_n, per_thread = 8, 50
     offsets: dict[int, list[int]] = {t: [] for t in range(threads_n)}
-    syncs_before = broker.engine.storage.syncs
+    syncs_before = engine_of(broker).storage.syncs
     barrier = threading.Barrier(threads_n)
 
     def produce(t: int) -> None:
@@ -90,7 +90,7 @@ def test_concurrent_sends_from_threads_all_land(stores: Stores) -> None:
     for th in threads:
         th.join(30)
     total = threads_n * per_thread
-    syncs = broker.engine.storage.syncs - syncs_before
+    syncs = engine_of(broker).storage.syncs - syncs_before
     every = [o for offs in offsets.values() for o in offs]
     assert sorted(every) == list(range(total))  # distinct, no holes
     for offs in offsets.values():

@@ -9,7 +9,7 @@ import pytest
 import arrival
 from arrival.errors import NotSupported
 from arrival.testing import FakeClock
-from conftest import Stores, drain
+from conftest import Stores, drain, engine_of
 from conftest import bodies as _bodies
 
 
@@ -20,7 +20,7 @@ def _drain(consumer: arrival.Consumer) -> list[arrival.Message]:
 def test_send_returns_none_and_is_visible_at_once(broker: arrival.Broker) -> None:
     broker.create_queue("q", "at-most-once")
     c = broker.consumer("q", "g")
-    syncs = broker.engine.storage.syncs
+    syncs = engine_of(broker).storage.syncs
     p = broker.producer()
     assert p.send("q", b"a", key="k", headers={"h": "v"}, id="m-1") is None
     assert p.send_batch("q", [b"b", arrival.Envelope(b"c", key="kc")]) is None
@@ -32,7 +32,7 @@ def test_send_returns_none_and_is_visible_at_once(broker: arrival.Broker) -> Non
     ]
     assert got[0].id == "m-1"
     assert got[0].lease_deadline == 0.0
-    assert broker.engine.storage.syncs == syncs  # nothing waited on fsync
+    assert engine_of(broker).storage.syncs == syncs  # nothing waited on fsync
     st = broker.stats("q")
     assert (st.guarantee, st.sent) == (arrival.Guarantee.AT_MOST_ONCE, 3)
 

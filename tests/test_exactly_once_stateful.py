@@ -80,7 +80,7 @@ from arrival.storage.base import Storage
 from arrival.storage.memory import MemoryStorage
 from arrival.storage.sqlite import SqliteStorage
 from arrival.testing import FakeClock
-from conftest import NO_BACKOFF, Stores
+from conftest import NO_BACKOFF, Stores, engine_of
 
 IN, OUT = "in", "out"
 GROUP, READER = "g", "r"
@@ -230,7 +230,7 @@ class Side:
         self.reader = b.consumer(OUT, READER)
         # members that never receive: a poll of limit 0 expires due leases now, rather
         # than on the writer's housekeeping tick (see expire_now)
-        self.probes = (b.engine.join(IN, GROUP), b.engine.join(OUT, READER))
+        self.probes = (engine_of(b).join(IN, GROUP), engine_of(b).join(OUT, READER))
 
     @property
     def b(self) -> arrival.Broker:
@@ -249,7 +249,7 @@ class Side:
         self._forget_leases()
 
     def crash(self, *, flush: bool = False) -> None:
-        engine = self.b.engine
+        engine = engine_of(self.b)
         if flush:
             engine.flush().wait()
         engine.abandon()
@@ -266,7 +266,7 @@ class Side:
 
     def expire_now(self) -> None:
         for probe in self.probes:
-            self.b.engine.poll(probe, 0)
+            engine_of(self.b).poll(probe, 0)
 
     def advance(self, seconds: float) -> list[int]:
         """Move the clock; every lease past its deadline is gone. Returns the offsets of
@@ -482,7 +482,7 @@ class ExactlyOnceMachine(RuleBasedStateMachine):
             )
 
     def register(self, pid: str) -> int:
-        epochs = [side.b.engine.register_producer(pid) for side in self.sides]
+        epochs = [engine_of(side.b).register_producer(pid) for side in self.sides]
         assert epochs[0] == epochs[1], epochs
         return epochs[0]
 
@@ -516,7 +516,7 @@ class ExactlyOnceMachine(RuleBasedStateMachine):
     def send_on_both(self, msgs: Msgs, producer: tuple[str, int, int] | None) -> int:
         offsets = []
         for side in self.sides:
-            ticket = side.b.engine.send(IN, msgs, producer)
+            ticket = engine_of(side.b).send(IN, msgs, producer)
             assert ticket is not None
             offsets.append(ticket.wait(10.0))
         assert offsets[0] == offsets[1], f"send offsets differ: {offsets}"
@@ -612,7 +612,7 @@ class ExactlyOnceMachine(RuleBasedStateMachine):
         seq = max(1, last) if retry else last + 1
         for side in self.sides:
             with pytest.raises(ProducerFenced):
-                side.b.engine.send(IN, self.new_messages(1, True), (pid, epoch, seq))
+                engine_of(side.b).send(IN, self.new_messages(1, True), (pid, epoch, seq))
 
     # -- consuming ---------------------------------------------------------------------
 
@@ -896,7 +896,7 @@ class ExactlyOnceMachine(RuleBasedStateMachine):
         p = self.producers[pid]
         msgs = self.new_messages(n, True)
         for side in self.sides:
-            side.b.engine.send(IN, msgs, (pid, p.epoch, p.seq + 1))  # not waited for
+            engine_of(side.b).send(IN, msgs, (pid, p.epoch, p.seq + 1))  # not waited for
             side.crash()
         self.synced = False
         self.reopen_all()
@@ -1047,7 +1047,7 @@ def test_producer_fence_survives_a_crash(stores: Stores) -> None:
     in 9497c02: the last assertion guards it.)"""
     b = stores.open()
     open_queues(b)
-    e = b.engine
+    e = engine_of(b)
     old = e.register_producer("p")
     assert e.send(IN, [("a", None, None, b"a")], ("p", old, 1)).wait(10.0) == 0  # type: ignore[union-attr]
     new = e.register_producer("p")
@@ -1056,9 +1056,9 @@ def test_producer_fence_survives_a_crash(stores: Stores) -> None:
         e.send(IN, [("b", None, None, b"b")], ("p", old, 2))
     b = _reopen(stores, b)
     with pytest.raises(ProducerFenced):
-        b.engine.send(IN, [("b", None, None, b"b")], ("p", old, 2))
+        engine_of(b).send(IN, [("b", None, None, b"b")], ("p", old, 2))
     assert b.stats(IN).end_offset == 1
-    assert b.engine.register_producer("p") > new
+    assert engine_of(b).register_producer("p") > new
 
 
 def test_all_repeat_send_keeps_its_sequence_across_a_crash(stores: Stores) -> None:
@@ -1066,12 +1066,12 @@ def test_all_repeat_send_keeps_its_sequence_across_a_crash(stores: Stores) -> No
     then the next send of that producer)."""
     b = stores.open()
     open_queues(b)
-    e = b.engine
+    e = engine_of(b)
     epoch = e.register_producer("p")
     e.flush().wait(10.0)
     assert e.send(IN, [("a", None, None, b"a")], ("p", epoch, 1)).wait(10.0) == 0  # type: ignore[union-attr]
     # acknowledged, stores nothing: "a" is there already
     assert e.send(IN, [("a", None, None, b"a")], ("p", epoch, 2)).wait(10.0) == 0  # type: ignore[union-attr]
     b = _reopen(stores, b)
-    assert b.engine.send(IN, [("b", None, None, b"b")], ("p", epoch, 3)).wait(10.0) == 1  # type: ignore[union-attr]
+    assert engine_of(b).send(IN, [("b", None, None, b"b")], ("p", epoch, 3)).wait(10.0) == 1  # type: ignore[union-attr]
     assert b.stats(IN).end_offset == 2

@@ -28,7 +28,7 @@ from arrival.errors import (
     UsageError,
 )
 from arrival.storage.base import Loaded, Storage, WriteSet
-from conftest import NO_BACKOFF, Stores, bodies, drain
+from conftest import NO_BACKOFF, Stores, bodies, drain, engine_of
 
 GATE_WAIT_S = 10.0  # generous: only a broken engine makes a test wait this long
 
@@ -119,7 +119,7 @@ def send(
     mid: str | None = None,
 ) -> Ticket:
     """An idempotent send through the engine, as a client that retries would make it."""
-    ticket = broker.engine.send(queue, [(mid, None, None, body)], producer)
+    ticket = engine_of(broker).send(queue, [(mid, None, None, body)], producer)
     assert ticket is not None
     return ticket
 
@@ -136,7 +136,7 @@ def test_a_retry_returns_the_original_offset_and_stores_nothing(
     broker: arrival.Broker, guarantee: str
 ) -> None:
     broker.create_queue("q", guarantee)
-    e = broker.engine.register_producer("p")
+    e = engine_of(broker).register_producer("p")
     assert send(broker, "q", b"a", ("p", e, 1)).wait() == 0
     assert send(broker, "q", b"b", ("p", e, 2)).wait() == 1
     # the retries carry other bodies: only (producer, epoch, sequence) decides
@@ -151,13 +151,13 @@ def test_a_retry_returns_the_original_offset_and_stores_nothing(
 
 def test_a_retried_batch_returns_its_first_offset(broker: arrival.Broker) -> None:
     broker.create_queue("q", "exactly-once")
-    e = broker.engine.register_producer("p")
+    e = engine_of(broker).register_producer("p")
     send(broker, "q", b"x", ("p", e, 1)).wait()
     batch = [(None, None, None, b"b0"), (None, None, None, b"b1"), (None, None, None, b"b2")]
-    first = broker.engine.send("q", batch, ("p", e, 2))
+    first = engine_of(broker).send("q", batch, ("p", e, 2))
     assert first is not None
     assert first.wait() == 1
-    again = broker.engine.send("q", batch, ("p", e, 2))
+    again = engine_of(broker).send("q", batch, ("p", e, 2))
     assert again is not None
     assert again.wait() == 1
     assert stored_bodies(broker, "q") == [b"x", b"b0", b"b1", b"b2"]
@@ -168,8 +168,8 @@ def test_a_retry_while_the_original_is_being_committed_waits_for_it(
 ) -> None:
     b, gate = open_gated(stores, gated)
     b.create_queue("q", "exactly-once")
-    e = b.engine.register_producer("p")
-    b.engine.flush().wait()  # the registration is stored: the next commit is the send's
+    e = engine_of(b).register_producer("p")
+    engine_of(b).flush().wait()  # the registration is stored: the next commit is the send's
     gate.hold()
     original = send(b, "q", b"a", ("p", e, 1))
     assert gate.entered.wait(GATE_WAIT_S)
@@ -191,10 +191,10 @@ def test_a_retry_while_the_original_is_still_queued_waits_for_it(
     b, gate = open_gated(stores, gated)
     b.create_queue("q", "exactly-once")
     b.create_queue("other", "at-least-once")
-    e = b.engine.register_producer("p")
-    b.engine.flush().wait()
+    e = engine_of(b).register_producer("p")
+    engine_of(b).flush().wait()
     gate.hold()
-    busy = b.engine.send("other", [(None, None, None, b"keeps the writer busy")])
+    busy = engine_of(b).send("other", [(None, None, None, b"keeps the writer busy")])
     assert busy is not None
     assert gate.entered.wait(GATE_WAIT_S)  # the writer is inside that commit
     original = send(b, "q", b"a", ("p", e, 1))  # queued behind it, not yet collected
@@ -215,8 +215,8 @@ def test_a_retry_waiting_on_a_commit_that_fails_gets_the_error(
 ) -> None:
     b, gate = open_gated(stores, gated)
     b.create_queue("q", "exactly-once")
-    e = b.engine.register_producer("p")
-    b.engine.flush().wait()
+    e = engine_of(b).register_producer("p")
+    engine_of(b).flush().wait()
     gate.hold()
     original = send(b, "q", b"a", ("p", e, 1))
     assert gate.entered.wait(GATE_WAIT_S)
@@ -235,7 +235,7 @@ def test_a_retry_waiting_on_a_commit_that_fails_gets_the_error(
 def test_sequence_errors_store_nothing(broker: arrival.Broker) -> None:
     broker.create_queue("q", "exactly-once")
     broker.create_queue("r", "exactly-once")
-    e = broker.engine.register_producer("p")
+    e = engine_of(broker).register_producer("p")
     send(broker, "q", b"a", ("p", e, 1)).wait()
     with pytest.raises(SequenceError, match="start at 1"):
         send(broker, "q", b"zero", ("p", e, 0))
@@ -246,7 +246,7 @@ def test_sequence_errors_store_nothing(broker: arrival.Broker) -> None:
     with pytest.raises(UnknownQueue):
         send(broker, "nope", b"x", ("p", e, 2))
     assert send(broker, "q", b"b", ("p", e, 2)).wait() == 1  # no failure used a sequence
-    broker.engine.flush().wait()
+    engine_of(broker).flush().wait()
     assert stored_bodies(broker, "q") == [b"a", b"b"]
     assert broker.stats("r").stored == 0
 
@@ -291,7 +291,7 @@ def test_opening_a_producer_id_again_fences_the_first_holder(broker: arrival.Bro
     with pytest.raises(ProducerFenced):  # and it stays fenced
         first.send("q", b"zombie again", id="z")
     assert second.send("q", b"from second") == 1
-    broker.engine.flush().wait()
+    engine_of(broker).flush().wait()
     assert stored_bodies(broker, "q") == [b"from first", b"from second"]
     assert broker.stats("q").sent == 2
     assert bodies(drain(broker.consumer("q", "g"))) == [b"from first", b"from second"]
@@ -299,9 +299,9 @@ def test_opening_a_producer_id_again_fences_the_first_holder(broker: arrival.Bro
 
 def test_a_fenced_producer_cannot_even_retry(broker: arrival.Broker) -> None:
     broker.create_queue("q", "exactly-once")
-    e1 = broker.engine.register_producer("p")
+    e1 = engine_of(broker).register_producer("p")
     send(broker, "q", b"a", ("p", e1, 1)).wait()
-    e2 = broker.engine.register_producer("p")
+    e2 = engine_of(broker).register_producer("p")
     assert e2 > e1
     with pytest.raises(ProducerFenced, match=f"epoch {e1} was replaced by epoch {e2}"):
         send(broker, "q", b"a", ("p", e1, 1))
@@ -314,7 +314,7 @@ def test_a_holder_from_before_the_horizon_is_fenced_by_a_new_one(stores: Stores)
     zombie = b.producer(id="x")
     zombie.send("q", b"old")
     stores.clock.advance(11)
-    b.engine.flush().wait()  # the idle producer is forgotten
+    engine_of(b).flush().wait()  # the idle producer is forgotten
     fresh = b.producer(id="x")
     fresh.send("q", b"new")
     with pytest.raises(ProducerFenced):
@@ -328,7 +328,7 @@ def test_a_holder_from_before_the_horizon_is_fenced_by_a_new_one(stores: Stores)
 def test_producer_state_survives_a_crash(stores: Stores) -> None:
     b1 = stores.open()
     b1.create_queue("q", "exactly-once")
-    e = b1.engine.register_producer("p")
+    e = engine_of(b1).register_producer("p")
     send(b1, "q", b"a", ("p", e, 1)).wait()
     send(b1, "q", b"b", ("p", e, 2)).wait()
     stores.crash(b1)
@@ -340,7 +340,7 @@ def test_producer_state_survives_a_crash(stores: Stores) -> None:
         send(b2, "q", b"d", ("p", e, 4))
     assert send(b2, "q", b"c", ("p", e, 3)).wait() == 2
     assert bodies(drain(b2.consumer("q", "g"))) == [b"a", b"b", b"c"]
-    e2 = b2.engine.register_producer("p")
+    e2 = engine_of(b2).register_producer("p")
     assert e2 > e  # epochs keep growing across the crash
     with pytest.raises(ProducerFenced):
         send(b2, "q", b"zombie", ("p", e, 4))
@@ -351,7 +351,7 @@ def test_a_send_whose_acknowledgement_was_lost_is_deduplicated_after_restart(
 ) -> None:
     b1, gate = open_gated(stores, gated)
     b1.create_queue("q", "exactly-once")
-    e = b1.engine.register_producer("p")
+    e = engine_of(b1).register_producer("p")
     send(b1, "q", b"a", ("p", e, 1)).wait()
     gate.crash = "after"  # durable, but the producer never hears so
     with pytest.raises(StorageError):
@@ -368,7 +368,7 @@ def test_a_send_that_crashed_before_its_commit_is_not_remembered(
 ) -> None:
     b1, gate = open_gated(stores, gated)
     b1.create_queue("q", "exactly-once")
-    e = b1.engine.register_producer("p")
+    e = engine_of(b1).register_producer("p")
     send(b1, "q", b"a", ("p", e, 1)).wait()
     gate.crash = "before"
     with pytest.raises(StorageError):
@@ -391,11 +391,11 @@ def test_a_registration_that_cannot_be_stored_is_refused(stores: Stores, gated: 
     b1.create_queue("q", "exactly-once")
     gate.crash = "before"
     with pytest.raises(StorageError):
-        b1.engine.register_producer("p")
+        engine_of(b1).register_producer("p")
     stores.crash(b1)
 
     b2 = stores.open()
-    e = b2.engine.register_producer("p")
+    e = engine_of(b2).register_producer("p")
     assert send(b2, "q", b"a", ("p", e, 1)).wait() == 0
     assert send(b2, "q", b"a", ("p", e, 1)).wait() == 0
     assert b2.stats("q").stored == 1
@@ -422,11 +422,11 @@ def test_a_retry_after_the_producer_horizon_is_refused_with_a_clear_error(
 ) -> None:
     b = open_with_horizon(stores, 10)
     b.create_queue("q", "exactly-once")
-    e = b.engine.register_producer("p")
+    e = engine_of(b).register_producer("p")
     send(b, "q", b"a", ("p", e, 1)).wait()
     send(b, "q", b"b", ("p", e, 2)).wait()
     stores.clock.advance(10.5)
-    b.engine.flush().wait()  # a commit forgets idle producers
+    engine_of(b).flush().wait()  # a commit forgets idle producers
     with pytest.raises(DedupHorizonPassed) as exc:
         send(b, "q", b"b", ("p", e, 2))
     err = exc.value
@@ -443,15 +443,15 @@ def test_a_retry_after_the_producer_horizon_is_refused_with_a_clear_error(
 def test_the_horizon_counts_from_the_last_send(stores: Stores) -> None:
     b = open_with_horizon(stores, 10)
     b.create_queue("q", "exactly-once")
-    e = b.engine.register_producer("p")
+    e = engine_of(b).register_producer("p")
     send(b, "q", b"a", ("p", e, 1)).wait()
     stores.clock.advance(6)
     send(b, "q", b"b", ("p", e, 2)).wait()
     stores.clock.advance(6)  # 12 s after the first send, 6 s after the last
-    b.engine.flush().wait()
+    engine_of(b).flush().wait()
     assert send(b, "q", b"a", ("p", e, 1)).wait() == 0
     stores.clock.advance(4)  # exactly the horizon after the last send: still kept
-    b.engine.flush().wait()
+    engine_of(b).flush().wait()
     assert send(b, "q", b"b", ("p", e, 2)).wait() == 1
     assert b.stats("q").stored == 2
 
@@ -459,14 +459,14 @@ def test_the_horizon_counts_from_the_last_send(stores: Stores) -> None:
 def test_the_horizon_applies_to_state_restored_after_a_restart(stores: Stores) -> None:
     b1 = open_with_horizon(stores, 10)
     b1.create_queue("q", "exactly-once")
-    e = b1.engine.register_producer("p")
+    e = engine_of(b1).register_producer("p")
     send(b1, "q", b"a", ("p", e, 1)).wait()
     send(b1, "q", b"b", ("p", e, 2)).wait()
     b1.close()
     stores.clock.advance(11)  # the broker was down past the horizon
 
     b2 = open_with_horizon(stores, 10)
-    b2.engine.flush().wait()
+    engine_of(b2).flush().wait()
     with pytest.raises(DedupHorizonPassed):
         send(b2, "q", b"b", ("p", e, 2))
     b2.close()
@@ -482,10 +482,10 @@ def test_a_retry_of_the_first_send_after_the_horizon_is_not_stored_twice(
 ) -> None:
     b = open_with_horizon(stores, 10)
     b.create_queue("q", "exactly-once")
-    e = b.engine.register_producer("p")
+    e = engine_of(b).register_producer("p")
     send(b, "q", b"a", ("p", e, 1)).wait()
     stores.clock.advance(11)
-    b.engine.flush().wait()
+    engine_of(b).flush().wait()
     with pytest.raises(DedupHorizonPassed):
         send(b, "q", b"a", ("p", e, 1)).wait()
     assert b.stats("q").stored == 1
@@ -497,7 +497,7 @@ def test_an_idle_producer_can_send_new_messages_after_the_horizon(stores: Stores
     p = b.producer(id="weekly")
     assert p.send("q", b"week 1") == 0
     stores.clock.advance(11)
-    b.engine.flush().wait()
+    engine_of(b).flush().wait()
     assert p.send("q", b"week 2") == 1
     assert stored_bodies(b, "q") == [b"week 1", b"week 2"]
 
@@ -644,8 +644,8 @@ def _consume_and_trim(b: arrival.Broker, c: arrival.Consumer) -> None:
     drain(c)
     b.producer().send("q", b"filler")  # the newest batch is always kept
     drain(c)
-    b.engine.flush().wait()
-    b.engine.flush().wait()
+    engine_of(b).flush().wait()
+    engine_of(b).flush().wait()
 
 
 def test_an_id_expires_only_after_the_window_and_the_deletion(stores: Stores) -> None:
@@ -658,11 +658,11 @@ def test_an_id_expires_only_after_the_window_and_the_deletion(stores: Stores) ->
     _consume_and_trim(b, c)
     assert b.stats("q").first_offset > 0  # the message itself was deleted
     clock.advance(9.5)
-    b.engine.flush().wait()  # the writer forgets expired ids as it commits
-    b.engine.flush().wait()
+    engine_of(b).flush().wait()  # the writer forgets expired ids as it commits
+    engine_of(b).flush().wait()
     assert p.send("q", b"a too soon", id="a") == 0  # deleted, but within the window
     clock.advance(1)
-    b.engine.flush().wait()
+    engine_of(b).flush().wait()
     assert p.send("q", b"a later", id="a") == 2  # a new message now
     got = drain(c)
     assert [(m.id, m.body) for m in got] == [("a", b"a later")]
@@ -677,8 +677,8 @@ def test_an_id_of_a_retained_message_does_not_expire(stores: Stores) -> None:
     assert p.send("q", b"a", id="a") == 0
     c = b.consumer("q", "g")  # a group that never acks it: the message is retained
     clock.advance(100)
-    b.engine.flush().wait()
-    b.engine.flush().wait()
+    engine_of(b).flush().wait()
+    engine_of(b).flush().wait()
     assert p.send("q", b"a copy", id="a") == 0
     assert [m.body for m in drain(c)] == [b"a"]
 
@@ -691,7 +691,7 @@ def test_an_expired_id_stays_forgotten_after_a_restart(stores: Stores) -> None:
     p.send("q", b"a", id="a")
     _consume_and_trim(b1, c)
     stores.clock.advance(10.5)
-    b1.engine.flush().wait()  # commits the trim of the expired id
+    engine_of(b1).flush().wait()  # commits the trim of the expired id
     assert p.send("q", b"fresh", id="fresh") == 2
     stores.crash(b1)
 
@@ -755,7 +755,7 @@ def test_a_transaction_with_a_message_that_cannot_be_encoded_stores_nothing(
     tx.send("b", b"part two", key="\udc80")
     with pytest.raises((UsageError, ValueError)):
         tx.commit()
-    broker.engine.flush().wait()
+    engine_of(broker).flush().wait()
     assert broker.stats("a").stored == 0
     assert broker.stats("b").stored == 0
 
@@ -810,7 +810,7 @@ def test_engine_acks_return_a_ticket_only_on_exactly_once_queues(broker: arrival
         broker.producer().send(q, b"x")
         msg = broker.consumer(q, "g").receive(timeout=0)
         assert msg is not None
-        ticket = broker.engine.ack(msg._member, msg._epoch, [(msg.offset, msg.attempt)])
+        ticket = engine_of(broker).ack(msg._member, msg._epoch, [(msg.offset, msg.attempt)])
         if q == "eo":
             assert ticket is not None
             ticket.wait(GATE_WAIT_S)
@@ -856,8 +856,8 @@ def test_the_default_producer_horizon_is_a_week(broker: arrival.Broker) -> None:
 def test_producer_state_is_committed_with_the_send(stores: Stores, gated: list[Gate]) -> None:
     b, gate = open_gated(stores, gated)
     b.create_queue("q", "exactly-once")
-    e = b.engine.register_producer("p")
-    b.engine.flush().wait()
+    e = engine_of(b).register_producer("p")
+    engine_of(b).flush().wait()
     gate.hold()
     ticket = send(b, "q", b"a", ("p", e, 1), mid="a")
     assert gate.entered.wait(GATE_WAIT_S)

@@ -418,6 +418,11 @@ def test_a_commit_refused_for_a_lost_lease_is_redone_exactly_once(
 def test_a_commit_refused_for_the_transaction_timeout_is_redone(
     broker: arrival.Broker, clock: FakeClock
 ) -> None:
+    if broker.url.startswith("arrival://"):
+        pytest.skip(
+            "over the network a processing loop's transaction age is measured by the "
+            "client's clock, which the fake clock behind the server does not drive"
+        )
     broker.create_queue("in", "exactly-once", ack_timeout=100.0, backoff=NO_BACKOFF)
     broker.create_queue("out", "exactly-once")
     broker.create_queue("log", "at-least-once")

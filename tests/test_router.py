@@ -8,6 +8,7 @@ import pytest
 import arrival
 from arrival.errors import GuaranteeMismatch, QueueSpecConflict, UsageError
 from arrival.router import RoutingError
+from conftest import engine_of
 
 
 class Payment(msgspec.Struct):
@@ -36,9 +37,9 @@ def test_the_essays_hybrid_system_sends_each_type_to_its_guarantee(
     router.send("analytics", b"view")
     router.send("order", b"o-1", key="customer-7")
     router.send("payment", b"p-1", id="pay-1")
-    assert broker.engine.spec("events").guarantee is arrival.Guarantee.AT_MOST_ONCE
-    assert broker.engine.spec("orders").guarantee is arrival.Guarantee.AT_LEAST_ONCE
-    assert broker.engine.spec("payments").guarantee is arrival.Guarantee.EXACTLY_ONCE
+    assert engine_of(broker).spec("events").guarantee is arrival.Guarantee.AT_MOST_ONCE
+    assert engine_of(broker).spec("orders").guarantee is arrival.Guarantee.AT_LEAST_ONCE
+    assert engine_of(broker).spec("payments").guarantee is arrival.Guarantee.EXACTLY_ONCE
     got = events.receive(timeout=1)
     assert got is not None
     assert got.body == b"view"

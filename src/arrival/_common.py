@@ -9,20 +9,23 @@ import math
 import os
 import random
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from arrival._backend import Backend, LocalBackend
 from arrival._clock import Clock
 from arrival._codec import RecordTuple
-from arrival.engine import Engine, ProducerSeq, Send, Ticket, TxnAcks, check_size
+from arrival._pending import Pending, Steps
+from arrival.engine import Engine, Send, TxnAcks, check_size
 from arrival.errors import (
     DedupHorizonPassed,
+    MessageTooLarge,
     NotSupported,
     TransactionError,
     UsageError,
 )
-from arrival.model import QueueSpec
+from arrival.model import Guarantee, QueueSpec
 from arrival.semantics.spec import UNSET, resolve_spec
 from arrival.storage.base import Storage
 from arrival.storage.memory import MemoryStorage
@@ -62,10 +65,11 @@ def open_engine(
         return Engine(MemoryStorage(), **options), text
     scheme, sep, _rest = text.partition("://")
     if sep:
-        if scheme in ("arrival", "arrivals", "nats"):
+        if scheme == "nats":
             raise NotSupported(
-                f"can't connect to {text!r}: this arrival release has the embedded engine "
-                f"only; connect to a directory (e.g. './data') or 'memory:'"
+                f"can't connect to {text!r}: this arrival release has no JetStream backend "
+                f"yet; connect to a directory (e.g. './data'), 'memory:' or an arrival "
+                f"server ('arrival://host:port')"
             )
         raise UsageError(
             f"can't connect to {text!r}: unknown scheme {scheme!r}; use a directory path, "
@@ -76,6 +80,26 @@ def open_engine(
     from arrival.storage.sqlite import SqliteStorage
 
     return Engine(SqliteStorage(text), **options), text
+
+
+def remote_url(url: str | os.PathLike[str] | Storage | None) -> str | None:
+    """``url`` (or ``$ARRIVAL_URL``) if it names an arrival server, else None."""
+    if url is None:
+        url = os.environ.get("ARRIVAL_URL", DEFAULT_URL)
+    if isinstance(url, str) and url.startswith(("arrival://", "arrivals://")):
+        return url
+    return None
+
+
+def local_backend(
+    url: str | os.PathLike[str] | Storage | None,
+    *,
+    clock: Clock | None = None,
+    rng: random.Random | None = None,
+    producer_horizon: float | None = None,
+) -> LocalBackend:
+    engine, where = open_engine(url, clock=clock, rng=rng, producer_horizon=producer_horizon)
+    return LocalBackend(engine, where)
 
 
 def queue_spec(name: str, guarantee: str, options: dict[str, Any]) -> QueueSpec:
@@ -134,12 +158,12 @@ def batch_to_send(items: object) -> list[Send]:
 class MessageContext:
     """What every message from one consumer shares: one object, not five fields each."""
 
-    __slots__ = ("engine", "epoch", "group", "member", "queue")
+    __slots__ = ("backend", "epoch", "group", "member", "queue")
 
-    def __init__(self, engine: Engine, member: int, queue: str, group: str) -> None:
-        self.engine = engine
+    def __init__(self, backend: Backend, member: int, queue: str, group: str) -> None:
+        self.backend = backend
         self.member = member
-        self.epoch = engine.epoch
+        self.epoch = backend.epoch
         self.queue = queue
         self.group = group
 
@@ -167,8 +191,8 @@ class MessageBase:
         return self._ctx.group
 
     @property
-    def _engine(self) -> Engine:
-        return self._ctx.engine
+    def _backend(self) -> Backend:
+        return self._ctx.backend
 
     @property
     def _member(self) -> int:
@@ -216,7 +240,9 @@ class MessageBase:
     def lease_lost(self) -> bool:
         """True once this delivery's lease expired or was released: another consumer may
         get the message, so skip side effects that must not happen twice."""
-        return not self._engine.is_leased(self._member, self._epoch, self.offset, self.attempt)
+        return not self._backend.is_leased(
+            self._member, self._epoch, self.offset, self.attempt, self.lease_deadline
+        )
 
     @property
     def receipt(self) -> tuple[str, str, int, int, int]:
@@ -240,52 +266,83 @@ class ProducerCore:
 
     A producer with an id is idempotent: its durable sends carry (id, epoch, sequence), a
     retry of a stored sequence gets its original result, and opening the id again fences
-    the older holder. Sequences reach the engine in the order they are numbered (the lock
-    spans numbering and queueing), so threads sharing a producer never make a gap.
-    At-most-once sends carry none: they are never retried.
+    the older holder. Sequences reach the backend in the order they are numbered (the
+    lock spans numbering and queueing), so threads sharing a producer never make a gap;
+    a send is checked (queue, sizes) before it is numbered, so a refused send leaves none
+    either. At-most-once sends carry none: they are never retried.
 
     An anonymous producer sends without sequence numbers. In-process sends have no
     retry path for them to cover, and broker-side state for every short-lived producer
     (one per web request, say) would grow without bound for the state's whole horizon.
+    Over the network the client numbers every send itself, so that a send retried after
+    a reconnect is never stored twice (``arrival.client``).
     """
 
-    def __init__(self, engine: Engine, producer_id: str | None) -> None:
-        self.engine = engine
+    def __init__(self, backend: Backend, producer_id: str | None) -> None:
+        self.backend = backend
         self.id = producer_id
-        self.epoch = engine.register_producer(producer_id) if producer_id is not None else 0
+        self.epoch = 0
         self.seq = 0
         self._lock = threading.Lock()
+        self._specs: dict[str, QueueSpec] = {}
+        # registration starts now (fencing any older holder) and is awaited by the first send
+        self.registering: Pending[int] | None = None
+        if producer_id is not None:
+            self.registering = backend.register_producer(producer_id)
 
-    def submit(
+    def registered(self) -> Steps[None]:
+        if self.registering is not None:
+            epoch = yield self.registering
+            if self.registering is not None:
+                self.epoch, self.registering = epoch, None
+
+    def send(
         self, queue: str, messages: Sequence[Send] | None, bodies: list[bytes] | None = None
-    ) -> Ticket | None:
-        engine = self.engine
-        if self.id is None or not engine.is_durable(queue):
-            if bodies is not None:
-                return engine.send_bodies(queue, bodies)
-            assert messages is not None
-            return engine.send(queue, messages)
-        with self._lock:
-            try:
-                ticket = self._send(queue, messages, bodies)
-            except DedupHorizonPassed:
-                # idle past the horizon, the broker forgot this producer. This send is a
-                # first attempt (in-process sends are never retried), so open a new epoch
-                self.epoch = engine.register_producer(self.id)
-                self.seq = 0
-                ticket = self._send(queue, messages, bodies)
-            self.seq += 1
-        return ticket
-
-    def _send(
-        self, queue: str, messages: Sequence[Send] | None, bodies: list[bytes] | None
-    ) -> Ticket | None:
-        assert self.id is not None
-        seq: ProducerSeq = (self.id, self.epoch, self.seq + 1)
+    ) -> Steps[int | None]:
+        """Steps (``_pending.drive``) that send and return the first offset (None for
+        at-most-once queues)."""
+        yield from self.registered()
+        spec = self._specs.get(queue)
+        if spec is None:
+            spec = self._specs[queue] = yield self.backend.spec(queue)
+        limit = spec.max_message_bytes
         if bodies is not None:
-            return self.engine.send_bodies(queue, bodies, seq)
-        assert messages is not None
-        return self.engine.send(queue, messages, seq)
+            if bodies and max(map(len, bodies)) > limit:
+                raise MessageTooLarge(queue, max(map(len, bodies)), limit)
+        else:
+            assert messages is not None
+            for _mid, _key, headers, body in messages:
+                check_size(queue, limit, headers, body)
+        backend = self.backend
+        if self.id is None or spec.guarantee is Guarantee.AT_MOST_ONCE:
+            offset: int | None = yield backend.send(queue, messages, bodies, None)
+            return offset
+        for attempt in (1, 2):
+            with self._lock:
+                epoch = self.epoch
+                try:
+                    pending = backend.send(queue, messages, bodies, (self.id, epoch, self.seq + 1))
+                except DedupHorizonPassed:
+                    if attempt == 2:
+                        raise
+                    pending = None
+                else:
+                    self.seq += 1
+            if pending is not None:
+                try:
+                    first: int | None = yield pending
+                    return first
+                except DedupHorizonPassed:
+                    if attempt == 2:
+                        raise
+            # idle past the horizon, the broker forgot this producer. This send is a
+            # first attempt (a retry would not have come here), so open a new epoch
+            if self.epoch == epoch:
+                new = yield backend.register_producer(self.id)
+                with self._lock:
+                    if self.epoch == epoch:
+                        self.epoch, self.seq = new, 0
+        raise AssertionError("unreachable")
 
 
 class TransactionCore:
@@ -296,17 +353,21 @@ class TransactionCore:
     """
 
     def __init__(
-        self, engine: Engine, tid: str, timeout: float, epoch: tuple[int, int] | None = None
+        self, backend: Backend, tid: str, timeout: float, epoch: tuple[int, int] | None = None
     ) -> None:
         check_seconds("transaction timeout", timeout)
-        self.engine = engine
+        self.backend = backend
         self.id = tid
         self.timeout = float(timeout)
         # a processing loop holds one epoch for all its transactions, as Kafka's
-        # initTransactions does; a lone transaction opens (and fences with) its own
+        # initTransactions does; a lone transaction opens (and fences with) its own,
+        # asked for now and awaited by ``begun()``
         self.keep = epoch is not None
-        self.epoch = epoch if epoch is not None else engine.begin_transaction(tid)
-        self.started = engine.clock.now()
+        self.epoch = epoch if epoch is not None else (0, 0)
+        self.beginning: Pending[tuple[int, int]] | None = (
+            None if epoch is not None else backend.begin_transaction(tid)
+        )
+        self.started = backend.now()
         self.state = "open"
         self.sends: dict[str, list[tuple[RecordTuple, int]]] = {}  # record, unnamed index
         self.acks: dict[tuple[int, int], list[tuple[int, int]]] = {}
@@ -320,6 +381,20 @@ class TransactionCore:
         n = sum(len(v) for v in self.sends.values())
         return f"<Transaction {self.id!r} {self.state} sends={n} acks={len(self.inputs)}>"
 
+    def begun(self) -> Steps[None]:
+        if self.beginning is not None:
+            epoch = yield self.beginning
+            if self.beginning is not None:
+                self.epoch, self.beginning = epoch, None
+
+    def prepare(self, queues: Iterable[str]) -> Steps[None]:
+        """Look up the limits of ``queues`` (raising UnknownQueue) before ``add_all``."""
+        yield from self.begun()
+        for queue in queues:
+            if queue not in self.limits:
+                spec = yield self.backend.spec(queue)
+                self.limits[queue] = spec.max_message_bytes
+
     def check_open(self) -> None:
         if self.state != "open":
             raise TransactionError(
@@ -332,15 +407,13 @@ class TransactionCore:
         self.add_all([(queue, m) for m in messages], source)
 
     def add_all(self, items: Sequence[tuple[str, Send]], source: MessageBase | None) -> None:
-        """Buffer (queue, message) pairs: all of them, or (on an error) none."""
+        """Buffer (queue, message) pairs: all of them, or (on an error) none. The queues'
+        limits must be known (``prepare``)."""
         if self.state != "open":
             self.check_open()
         size = 0
         for queue, (_mid, _key, headers, body) in items:
-            limit = self.limits.get(queue)
-            if limit is None:  # raises UnknownQueue now rather than at commit
-                limit = self.limits[queue] = self.engine.spec(queue).max_message_bytes
-            check_size(queue, limit, headers, body)
+            check_size(queue, self.limits[queue], headers, body)
             size += len(body)
         if self.nbytes + size > MAX_TRANSACTION_BYTES:
             raise TransactionError(
@@ -348,7 +421,7 @@ class TransactionCore:
                 f"commit in smaller transactions"
             )
         self.nbytes += size
-        now = self.engine.clock.now()
+        now = self.backend.now()
         sid = None if source is None else source.id
         for queue, (mid, key, headers, body) in items:
             out = self.sends.get(queue)
@@ -372,7 +445,7 @@ class TransactionCore:
         if not isinstance(msg, MessageBase):
             raise TypeError(f"tx.ack() takes a received message, not {type(msg).__name__}")
         ctx = msg._ctx
-        if ctx.engine is not self.engine:
+        if ctx.backend is not self.backend:
             raise UsageError("tx.ack() takes messages received from the same broker")
         key = (ctx.member, ctx.epoch)
         receipts = self.acks.get(key)
@@ -381,8 +454,8 @@ class TransactionCore:
         receipts.append((msg.offset, msg.attempt))
         self.inputs[(ctx.member, msg.offset)] = msg
 
-    def submit(self) -> Ticket:
-        """Hand the transaction to the engine; the Ticket completes once it is durable."""
+    def submit(self) -> Pending[None]:
+        """Hand the transaction to the backend; done once it is durable."""
         self.check_open()
         self.state = "committing"
         # with one input, outputs without an id derive theirs from it, as with source=
@@ -398,23 +471,34 @@ class TransactionCore:
             sends.append((queue, records))
         acks: TxnAcks = [(m, e, receipts) for (m, e), receipts in self.acks.items()]
         try:
-            ticket = self.engine.commit_transaction(
-                self.id, self.epoch, self.started, self.timeout, sends, acks, keep=self.keep
+            pending = self.backend.commit_transaction(
+                self.id, self.epoch, self.started, self.timeout, sends, acks, self.keep
             )
         except BaseException:
             self.state = "aborted"
             raise
         self.sends = {}
         self.acks = {}
-        return ticket
+        return pending
 
     def finished(self, ok: bool) -> None:
         self.state = "committed" if ok else "aborted"
 
-    def abort(self) -> None:
+    def abort(self) -> Pending[None] | None:
+        """Discard; returns the backend's end of the transactional id, to wait for."""
         if self.state == "open":
             self.state = "aborted"
             self.sends = {}
             self.acks = {}
-            if not self.keep:
-                self.engine.end_transaction(self.id, self.epoch)
+            if self.keep:
+                return None
+            if self.beginning is not None:  # never awaited: end it if we know the epoch
+                if not self.beginning.done():
+                    return None
+                try:
+                    self.epoch = self.beginning.wait()
+                except Exception:  # noqa: BLE001 - the begin failed: nothing to end
+                    return None
+                self.beginning = None
+            return self.backend.end_transaction(self.id, self.epoch)
+        return None

@@ -26,8 +26,10 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from arrival._backend import Backend
 from arrival._common import MessageBase, TransactionCore, check_seconds
-from arrival.engine import Engine, Send, Ticket
+from arrival._pending import Pending, Steps
+from arrival.engine import Send
 from arrival.errors import ProducerFenced, ReceiptError, TransactionTimedOut, UsageError
 
 __all__ = ["MAX_IN_FLIGHT", "Handle", "Nack", "ProcessResult", "Receive", "Release", "Wait"]
@@ -56,6 +58,10 @@ class OutputsBase:
         self._source = source
         self._items: list[tuple[str, Send]] = []
 
+    def _prepare(self) -> Steps[None]:
+        """Look up the queues sent to (raising UnknownQueue); then ``_flush``."""
+        return self._core.prepare({q for q, _ in self._items})
+
     def _flush(self) -> None:
         self._core.add_all(self._items, self._source)
 
@@ -69,7 +75,8 @@ class Receive(NamedTuple):
 
 
 class Handle(NamedTuple):
-    """Run the handler on ``msg`` and flush ``out``; reply: None, or the Exception."""
+    """Run the handler on ``msg``, then ``out._prepare()`` and ``out._flush()``; reply:
+    None, or the Exception."""
 
     msg: Any
     out: Any
@@ -85,9 +92,9 @@ class Release(NamedTuple):
 
 
 class Wait(NamedTuple):
-    """Wait for ``ticket``; its error is thrown into the loop."""
+    """Wait for ``pending``; reply: its result, or its error is thrown into the loop."""
 
-    ticket: Ticket
+    pending: Pending[Any]
 
 
 Command = Receive | Handle | Nack | Release | Wait
@@ -101,7 +108,7 @@ def check_arguments(batch: object, interval: object, timeout: object) -> None:
 
 
 def steps(
-    engine: Engine,
+    backend: Backend,
     make_outputs: Callable[[TransactionCore, Any], OutputsBase],
     *,
     transactional_id: str,
@@ -117,16 +124,30 @@ def steps(
     result = ProcessResult()
     tx: TransactionCore | None = None
     batch_msgs: list[Any] = []  # handled, in ``tx``, not yet submitted
-    in_flight: deque[tuple[Ticket, list[Any]]] = deque()
+    in_flight: deque[tuple[Pending[None], TransactionCore, list[Any]]] = deque()
     pending = 0  # messages in ``in_flight``
     opened = last_seen = time.monotonic()
-    epoch = engine.begin_transaction(transactional_id)
+    epoch = yield Wait(backend.begin_transaction(transactional_id))
 
     def settle_one() -> Generator[Command, Any, None]:
         nonlocal pending
-        ticket, msgs = in_flight.popleft()
+        commit, core, msgs = in_flight.popleft()
         pending -= len(msgs)
-        yield Wait(ticket)  # a storage failure is thrown in: the broker stopped
+        try:
+            yield Wait(commit)  # a storage failure is thrown in: the broker stopped
+        except ProducerFenced:
+            core.finished(False)
+            for m in msgs:  # a newer holder took over: hand it these messages at once
+                yield Release(m)
+            raise
+        except (ReceiptError, TransactionTimedOut):
+            core.finished(False)  # refused over the network: as below, nothing took effect
+            result.aborted += 1
+            return
+        except BaseException:
+            core.finished(False)
+            raise
+        core.finished(True)
         result.committed += len(msgs)
         if on_commit is not None:
             on_commit(msgs)
@@ -139,7 +160,7 @@ def steps(
         while len(in_flight) >= MAX_IN_FLIGHT:
             yield from settle_one()
         try:
-            ticket = current.submit()
+            commit = current.submit()
         except ProducerFenced:
             # a newer holder took over: hand it this batch's messages at once
             for m in msgs:
@@ -148,16 +169,21 @@ def steps(
         except (ReceiptError, TransactionTimedOut):
             result.aborted += 1  # nothing took effect; the inputs are redelivered
             return
-        ticket.add_done_callback(lambda: current.finished(ticket._error is None))
-        in_flight.append((ticket, msgs))
+        in_flight.append((commit, current, msgs))
         pending += len(msgs)
 
     try:
         while True:
             held = len(batch_msgs)
             done = result.committed + result.failed + pending + held
-            if (stop is not None and stop()) or (limit is not None and done >= limit):
+            if stop is not None and stop():
                 break
+            if limit is not None and done >= limit:
+                if not in_flight:
+                    break
+                while in_flight:  # a commit may yet be refused, and its messages redone
+                    yield from settle_one()
+                continue
             now = time.monotonic()
             if idle is not None and not held and not in_flight and now - last_seen >= idle:
                 break
@@ -180,7 +206,7 @@ def steps(
             if msgs:
                 last_seen = time.monotonic()
                 if tx is None:
-                    tx = TransactionCore(engine, transactional_id, timeout, epoch)
+                    tx = TransactionCore(backend, transactional_id, timeout, epoch)
                     opened = last_seen
             for msg in msgs:
                 assert tx is not None
@@ -202,11 +228,11 @@ def steps(
                     tx = None
     finally:
         if tx is not None:
-            if batch_msgs and not engine.closed:
+            if batch_msgs and not backend.closed:
                 yield from commit()
             else:
                 tx.abort()
         while in_flight:
             yield from settle_one()
-        engine.end_transaction(transactional_id, epoch)
+        yield Wait(backend.end_transaction(transactional_id, epoch))
     return result

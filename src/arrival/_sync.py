@@ -6,11 +6,11 @@ import builtins
 import contextlib
 import os
 import random
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any
 
+from arrival._backend import Backend, LocalBackend
 from arrival._clock import Clock
 from arrival._common import (
     DEFAULT_TRANSACTION_TIMEOUT_S,
@@ -19,10 +19,12 @@ from arrival._common import (
     ProducerCore,
     TransactionCore,
     batch_to_send,
-    open_engine,
+    local_backend,
     queue_spec,
+    remote_url,
     to_send,
 )
+from arrival._pending import drive
 from arrival._process import (
     Command,
     Handle,
@@ -39,6 +41,7 @@ from arrival.engine import DeadMessage, Engine
 from arrival.errors import (
     ClosedError,
     LeaseExpired,
+    NotSupported,
     ReceiptError,
     UsageError,
 )
@@ -66,8 +69,6 @@ __all__ = [
     "connect",
 ]
 
-_WAKE_SLACK_S = 0.001  # sleep a little past a due time so the retry is due when we poll
-
 
 def connect(
     url: str | os.PathLike[str] | Storage | None = None,
@@ -75,27 +76,38 @@ def connect(
     clock: Clock | None = None,
     rng: random.Random | None = None,
     producer_horizon: float | None = None,
+    token: str | None = None,
+    tls_ca: str | os.PathLike[str] | None = None,
 ) -> Broker:
     """Open a broker: a directory path (durable, embedded), ``"memory:"`` (for tests),
-    or a Storage. Without ``url``, ``$ARRIVAL_URL`` or ``./data``.
+    a Storage, or a server: ``"arrival://host:port"`` (``"arrivals://"`` for TLS).
+    Without ``url``, ``$ARRIVAL_URL`` or ``./data``.
 
     ``producer_horizon``: seconds an idempotent producer's state is kept after its last
     send (default 7 days); a retry after that raises ``DedupHorizonPassed``.
+    ``token`` (default ``$ARRIVAL_TOKEN``) authenticates to a server that requires one;
+    ``tls_ca``: a CA file to verify the server's certificate by (default: the system's).
     ``clock`` and ``rng`` replace the system clock and randomness (tests only).
     """
-    engine, where = open_engine(url, clock=clock, rng=rng, producer_horizon=producer_horizon)
-    return Broker(engine, where)
+    remote = remote_url(url)
+    if remote is not None:
+        from arrival.client import SyncClient
+
+        if clock is not None or rng is not None or producer_horizon is not None:
+            raise UsageError("clock, rng and producer_horizon are set on the server")
+        return Broker(SyncClient.open(remote, token=token, tls_ca=tls_ca))
+    return Broker(local_backend(url, clock=clock, rng=rng, producer_horizon=producer_horizon))
 
 
 class Broker:
     """A connection to a broker. Close it (or use ``with``) to release leases and flush."""
 
-    def __init__(self, engine: Engine, url: str) -> None:
-        self._engine = engine
-        self.url = url
+    def __init__(self, backend: Backend) -> None:
+        self._b = backend
+        self.url = backend.url
 
     def __repr__(self) -> str:
-        return f"<arrival.Broker {self.url!r} {'closed' if self._engine.closed else 'open'}>"
+        return f"<arrival.Broker {self.url!r} {'closed' if self._b.closed else 'open'}>"
 
     def __enter__(self) -> Broker:
         return self
@@ -106,8 +118,16 @@ class Broker:
         self.close()
 
     @property
+    def closed(self) -> bool:
+        """True once closed (or, over the network, once the connection is lost)."""
+        return self._b.closed
+
+    @property
     def engine(self) -> Engine:
-        return self._engine
+        """The embedded engine (for tests and tools); NotSupported over the network."""
+        if not isinstance(self._b, LocalBackend):
+            raise NotSupported(f"{self.url!r} is a server: its engine runs in its process")
+        return self._b.engine
 
     def create_queue(
         self,
@@ -154,26 +174,26 @@ class Broker:
             "dedup": dedup,
             "dedup_window": dedup_window,
         }
-        return self._engine.create_queue(queue_spec(name, guarantee, options))
+        return self._b.create_queue(queue_spec(name, guarantee, options)).wait()
 
     def describe(self, queue: str) -> QueueDescription:
         """What ``queue`` promises, by which mechanism, and its limits right now."""
-        return self._engine.describe(queue)
+        return self._b.describe(queue).wait()
 
     def queues(self) -> list[str]:
-        return self._engine.queue_names()
+        return self._b.queue_names().wait()
 
     def peek(self, queue: str, limit: int = 10, *, start: int | None = None) -> list[StoredMessage]:
         """Retained messages of ``queue`` from offset ``start`` (default: the oldest),
         read without consuming them."""
-        return self._engine.peek(queue, limit, start)
+        return self._b.peek(queue, limit, start).wait()
 
     def info(self) -> BrokerStats:
         """The broker's own counters: commits and fsyncs since it opened."""
-        return self._engine.info()
+        return self._b.info().wait()
 
     def stats(self, queue: str) -> QueueStats:
-        return self._engine.stats(queue)
+        return self._b.stats(queue).wait()
 
     def producer(self, id: str | None = None) -> Producer:  # noqa: A002 - like Envelope.id
         """A producer. With an ``id``, its sends to durable queues are idempotent: each
@@ -182,7 +202,7 @@ class Broker:
         raises ProducerFenced). The broker keeps a named producer's state for the
         producer horizon (7 days) after its last send. On exactly-once queues, message
         ids deduplicate sends from any producer."""
-        return Producer(self._engine, id)
+        return Producer(self._b, id)
 
     def transaction(
         self, transactional_id: str, *, timeout: float = DEFAULT_TRANSACTION_TIMEOUT_S
@@ -194,21 +214,22 @@ class Broker:
 
         Opening ``transactional_id`` again fences the earlier holder: its commit raises
         ProducerFenced and nothing of it becomes visible."""
-        return Transaction(self._engine, transactional_id, timeout)
+        return Transaction(self._b, transactional_id, timeout)
 
     def consumer(self, queue: str, group: str = "default", *, start: str = "earliest") -> Consumer:
         """Join consumer ``group`` of ``queue``. A new group starts at the oldest retained
         message (``start="latest"``: only messages sent from now on)."""
-        return Consumer(self._engine, queue, group, start)
+        return Consumer(self._b, queue, group, start)
 
     def dead_letters(self, queue: str) -> DeadLetters:
         """The dead-letter queue of ``queue``: list, replay and purge."""
-        self._engine.spec(queue)
-        return DeadLetters(self._engine, queue)
+        self._b.spec(queue).wait()
+        return DeadLetters(self._b, queue)
 
     def close(self) -> None:
-        """Release every lease without spending attempts, flush, and close the store."""
-        self._engine.close()
+        """Release every lease without spending attempts, flush, and close the store
+        (or the connection)."""
+        self._b.close().wait()
 
 
 class Producer:
@@ -216,8 +237,9 @@ class Producer:
     producer with an id sends idempotently); on at-most-once queues it returns at once
     (fire and forget)."""
 
-    def __init__(self, engine: Engine, producer_id: str | None = None) -> None:
-        self._core = ProducerCore(engine, producer_id)
+    def __init__(self, backend: Backend, producer_id: str | None = None) -> None:
+        self._core = ProducerCore(backend, producer_id)
+        drive(self._core.registered())  # the older holder is fenced once this returns
         self._closed = False
 
     def __repr__(self) -> str:
@@ -249,8 +271,7 @@ class Producer:
         original's offset is returned."""
         if self._closed:
             raise ClosedError("the producer")
-        ticket = self._core.submit(queue, [to_send(body, key, headers, id)])
-        return None if ticket is None else ticket.wait(timeout)
+        return drive(self._core.send(queue, [to_send(body, key, headers, id)]), timeout)
 
     def send_batch(
         self, queue: str, messages: Iterable[bytes | Any], *, timeout: float | None = None
@@ -261,10 +282,8 @@ class Producer:
             raise ClosedError("the producer")
         items = list(messages)
         if all(type(m) is bytes for m in items):  # the fast path: bodies only
-            ticket = self._core.submit(queue, None, items)
-        else:
-            ticket = self._core.submit(queue, batch_to_send(items))
-        return None if ticket is None else ticket.wait(timeout)
+            return drive(self._core.send(queue, None, items), timeout)
+        return drive(self._core.send(queue, batch_to_send(items)), timeout)
 
     def close(self) -> None:
         self._closed = True
@@ -277,8 +296,9 @@ class Transaction:
     must still be leased at commit: if a lease expired meanwhile the whole transaction is
     refused (LeaseExpired), since another consumer may be processing the message."""
 
-    def __init__(self, engine: Engine, tid: str, timeout: float) -> None:
-        self._core = TransactionCore(engine, tid, timeout)
+    def __init__(self, backend: Backend, tid: str, timeout: float) -> None:
+        self._core = TransactionCore(backend, tid, timeout)
+        drive(self._core.begun())  # the older holder is fenced once this returns
 
     def __repr__(self) -> str:
         return repr(self._core)
@@ -314,11 +334,15 @@ class Transaction:
     ) -> None:
         """Send at commit. Without ``id``, an output of ``source`` (or of the one message
         this transaction acks) gets the id ``<input id>/<n>``: the same on every retry."""
+        self._core.check_open()
+        drive(self._core.prepare([queue]))
         self._core.add(queue, [to_send(body, key, headers, id)], source)
 
     def send_batch(
         self, queue: str, messages: Iterable[bytes | Any], *, source: MessageBase | None = None
     ) -> None:
+        self._core.check_open()
+        drive(self._core.prepare([queue]))
         self._core.add(queue, batch_to_send(list(messages)), source)
 
     def ack(self, msg: MessageBase) -> None:
@@ -329,9 +353,9 @@ class Transaction:
         """Make every send and ack take effect, durably; returns once fsynced. Raises
         (and nothing took effect) if the transaction was fenced, timed out, or an acked
         message's lease is no longer held."""
-        ticket = self._core.submit()
+        pending = self._core.submit()
         try:
-            ticket.wait(timeout)
+            pending.wait(timeout)
         except TimeoutError:
             raise  # not known yet: the commit may still complete (the state says so)
         except BaseException:
@@ -342,7 +366,9 @@ class Transaction:
     def abort(self) -> None:
         """Discard the transaction: nothing of it takes effect; its acked messages are
         redelivered when their leases end (release them to hand them back sooner)."""
-        self._core.abort()
+        ended = self._core.abort()
+        if ended is not None:
+            ended.wait()
 
 
 class Outputs(OutputsBase):
@@ -373,42 +399,42 @@ class Message(MessageBase):
         """Processed: the group will not get this message again. Raises LeaseExpired if the
         lease ran out first (the message is then redelivered). On an exactly-once queue it
         returns once the ack is durable: the group never gets the message again."""
-        ticket = self._engine.ack(self._member, self._epoch, ((self.offset, self.attempt),))
-        if ticket is not None:
-            ticket.wait()
+        self._backend.ack(self._member, self._epoch, ((self.offset, self.attempt),)).wait()
 
     def nack(self, delay: float | None = None, *, error: str | None = None) -> None:
         """Failed: redeliver after ``delay`` seconds (default: the queue's backoff). After
         ``max_deliveries`` failures the message moves to the dead-letter queue."""
-        self._engine.nack(self._member, self._epoch, self.offset, self.attempt, delay, error)
+        b = self._backend
+        b.nack(self._member, self._epoch, self.offset, self.attempt, delay, error).wait()
 
     def reject(self, reason: str) -> None:
         """Give up on this message now: it moves to the dead-letter queue with ``reason``."""
-        self._engine.reject(self._member, self._epoch, self.offset, self.attempt, reason)
+        b = self._backend
+        b.reject(self._member, self._epoch, self.offset, self.attempt, reason).wait()
 
     def extend(self, seconds: float | None = None) -> None:
         """Hold the lease ``seconds`` longer from now (default: the queue's ack_timeout)."""
-        self.lease_deadline = self._engine.extend(
-            self._member, self._epoch, self.offset, self.attempt, seconds
-        )
+        b = self._backend
+        p = b.extend(self._member, self._epoch, self.offset, self.attempt, seconds)
+        self.lease_deadline = p.wait()
 
     def release(self) -> None:
         """Give the message back unprocessed, without spending an attempt."""
-        self._engine.release(self._member, self._epoch, self.offset, self.attempt)
+        self._backend.release(self._member, self._epoch, self.offset, self.attempt).wait()
 
 
 class Consumer:
     """A member of a consumer group. ``receive()`` one message, ``receive_batch()`` many,
     or iterate. Closing releases held messages without spending their attempts."""
 
-    def __init__(self, engine: Engine, queue: str, group: str, start: str) -> None:
+    def __init__(self, backend: Backend, queue: str, group: str, start: str) -> None:
         if start not in ("earliest", "latest"):
             raise UsageError(f"start must be 'earliest' or 'latest', not {start!r}")
-        self._engine = engine
+        self._b = backend
         self.queue = queue
         self.group = group
-        self._member = engine.join(queue, group, latest=start == "latest")
-        self._ctx = MessageContext(engine, self._member, queue, group)
+        self._member = backend.join(queue, group, start == "latest").wait()
+        self._ctx = MessageContext(backend, self._member, queue, group)
         self._closed = False
 
     def __repr__(self) -> str:
@@ -423,7 +449,7 @@ class Consumer:
 
     def stats(self) -> ConsumerStats:
         """This consumer's counters and how many messages it holds now."""
-        return self._engine.member_stats(self._member)
+        return self._b.member_stats(self._member).wait()
 
     def receive(self, timeout: float | None = None) -> Message | None:
         """The next message, waiting up to ``timeout`` seconds (None: forever); None if
@@ -435,26 +461,15 @@ class Consumer:
         """Up to ``max_messages`` messages, as soon as at least one is there; [] on timeout."""
         if max_messages < 1:
             raise UsageError("max_messages must be at least 1")
-        engine = self._engine
-        end = None if timeout is None else time.monotonic() + timeout
-        while True:
-            if self._closed:
-                raise ClosedError("the consumer")
-            got, version, due = engine.poll(self._member, max_messages)
-            if got:
-                ctx = self._ctx
-                return [Message(ctx, off, att, dl, rec) for off, att, dl, rec in got]
-            wait = None if end is None else end - time.monotonic()
-            if wait is not None and wait <= 0:
-                return []
-            if due is not None:
-                until_due = max(0.0, due - engine.clock.now()) + _WAKE_SLACK_S
-                wait = until_due if wait is None else min(wait, until_due)
-            engine.wait(version, wait)
+        if self._closed:
+            raise ClosedError("the consumer")
+        got = self._b.receive(self._member, max_messages, timeout).wait()
+        ctx = self._ctx
+        return [Message(ctx, off, att, dl, rec) for off, att, dl, rec in got]
 
     def __iter__(self) -> Iterator[Message]:
         """Messages as they arrive, until the consumer or broker is closed."""
-        while not self._closed and not self._engine.closed:
+        while not self._closed and not self._b.closed:
             try:
                 msg = self.receive(timeout=1.0)
             except ClosedError:
@@ -467,9 +482,7 @@ class Consumer:
         msgs = list(messages)
         if msgs:
             receipts = [(m.offset, m.attempt) for m in msgs]
-            ticket = self._engine.ack(self._member, msgs[0]._epoch, receipts)
-            if ticket is not None:
-                ticket.wait()
+            self._b.ack(self._member, msgs[0]._epoch, receipts).wait()
 
     def process(
         self,
@@ -505,7 +518,7 @@ class Consumer:
         """
         check_arguments(batch, interval, timeout)
         gen = steps(
-            self._engine,
+            self._b,
             Outputs,
             transactional_id=transactional_id,
             batch=batch,
@@ -526,6 +539,7 @@ class Consumer:
             if type(cmd) is Handle:
                 try:
                     handler(cmd.msg, cmd.out)
+                    drive(cmd.out._prepare())
                     cmd.out._flush()  # all of its outputs, or (refused) none
                 except Exception as exc:  # noqa: BLE001 - the handler's failure is data
                     return exc
@@ -536,7 +550,7 @@ class Consumer:
                 with contextlib.suppress(ReceiptError):
                     cmd.msg.release()
             elif type(cmd) is Wait:
-                cmd.ticket.wait()
+                return cmd.pending.wait()
             return None
 
         reply: Any = None
@@ -556,14 +570,14 @@ class Consumer:
         """Leave the group; messages still held go back to it without spending attempts."""
         if not self._closed:
             self._closed = True
-            self._engine.leave(self._member)
+            self._b.leave(self._member).wait()
 
 
 class DeadLetters:
     """The dead-letter queue of one queue: each entry carries its provenance."""
 
-    def __init__(self, engine: Engine, queue: str) -> None:
-        self._engine = engine
+    def __init__(self, backend: Backend, queue: str) -> None:
+        self._b = backend
         self.queue = queue
 
     def __repr__(self) -> str:
@@ -571,8 +585,7 @@ class DeadLetters:
 
     def list(self, limit: int | None = None) -> builtins.list[DeadMessage]:
         """The dead letters, oldest first, including those moved there just now."""
-        self._engine.flush().wait()
-        return self._engine.dead_letters(self.queue, limit)
+        return self._b.dead_letters(self.queue, limit).wait()
 
     def replay(
         self,
@@ -584,15 +597,8 @@ class DeadLetters:
         """Send dead letters (all, or those ``where`` selects) back to the group that failed
         them, with a fresh attempt budget, and remove them from the dead-letter queue.
         ``dry_run`` only returns what would be replayed."""
-        self._engine.flush().wait()
-        chosen, ticket = self._engine.replay_dead_letters(
-            self.queue, where, limit=limit, dry_run=dry_run
-        )
-        if ticket is not None:
-            ticket.wait()
-        return chosen
+        return self._b.replay_dead_letters(self.queue, where, limit, dry_run).wait()
 
     def purge(self, where: Callable[[DeadMessage], bool] | None = None) -> int:
         """Delete dead letters (all, or those ``where`` selects); returns how many."""
-        self._engine.flush().wait()
-        return self._engine.purge_dead_letters(self.queue, where)
+        return self._b.purge_dead_letters(self.queue, where).wait()

@@ -12,13 +12,13 @@ import builtins
 import contextlib
 import os
 import random
-import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any
 
 import msgspec
 
+from arrival._backend import Backend, LocalBackend
 from arrival._clock import Clock
 from arrival._common import (
     DEFAULT_TRANSACTION_TIMEOUT_S,
@@ -28,10 +28,12 @@ from arrival._common import (
     ProducerCore,
     TransactionCore,
     batch_to_send,
-    open_engine,
+    local_backend,
     queue_spec,
+    remote_url,
     to_send,
 )
+from arrival._pending import Pending, adrive
 from arrival._process import (
     Command,
     Handle,
@@ -44,10 +46,11 @@ from arrival._process import (
     check_arguments,
     steps,
 )
-from arrival.engine import DeadMessage, Engine, Ticket
+from arrival.engine import DeadMessage, Engine
 from arrival.errors import (
     ClosedError,
     LeaseExpired,
+    NotSupported,
     ReceiptError,
     UsageError,
 )
@@ -80,8 +83,6 @@ __all__ = [
     "connect",
 ]
 
-_WAKE_SLACK_S = 0.001
-
 
 async def connect(
     url: str | os.PathLike[str] | Storage | None = None,
@@ -89,45 +90,34 @@ async def connect(
     clock: Clock | None = None,
     rng: random.Random | None = None,
     producer_horizon: float | None = None,
+    token: str | None = None,
+    tls_ca: str | os.PathLike[str] | None = None,
 ) -> Broker:
     """Open a broker; see ``arrival.connect``."""
-    engine, where = open_engine(url, clock=clock, rng=rng, producer_horizon=producer_horizon)
-    return Broker(engine, where)
+    remote = remote_url(url)
+    if remote is not None:
+        from arrival.client import AsyncClient
+
+        if clock is not None or rng is not None or producer_horizon is not None:
+            raise UsageError("clock, rng and producer_horizon are set on the server")
+        return Broker(await AsyncClient.open(remote, token=token, tls_ca=tls_ca))
+    return Broker(local_backend(url, clock=clock, rng=rng, producer_horizon=producer_horizon))
 
 
-async def _committed(ticket: Ticket) -> int:
-    if not ticket.done():
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
-
-        def done() -> None:
-            _call_soon(loop, fut)
-
-        ticket.add_done_callback(done)
-        await fut
-    return ticket.outcome()
-
-
-def _call_soon(loop: asyncio.AbstractEventLoop, fut: asyncio.Future[None]) -> None:
-    """Wake ``fut`` from any thread; a loop that has closed meanwhile has no one to wake."""
-    with contextlib.suppress(RuntimeError):  # closed: the awaiting task is gone with it
-        loop.call_soon_threadsafe(_resolve, fut)
-
-
-def _resolve(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
+def _now_or_later(p: Pending[Any]) -> Any:
+    """The result if it is there already (raising its error); else None, for later."""
+    return p.wait() if p.done() else None
 
 
 class Broker:
     """The async twin of ``arrival.Broker``."""
 
-    def __init__(self, engine: Engine, url: str) -> None:
-        self._engine = engine
-        self.url = url
+    def __init__(self, backend: Backend) -> None:
+        self._b = backend
+        self.url = backend.url
 
     def __repr__(self) -> str:
-        return f"<arrival.aio.Broker {self.url!r} {'closed' if self._engine.closed else 'open'}>"
+        return f"<arrival.aio.Broker {self.url!r} {'closed' if self._b.closed else 'open'}>"
 
     async def __aenter__(self) -> Broker:
         return self
@@ -138,8 +128,16 @@ class Broker:
         await self.close()
 
     @property
+    def closed(self) -> bool:
+        """True once closed (or, over the network, once the connection is lost)."""
+        return self._b.closed
+
+    @property
     def engine(self) -> Engine:
-        return self._engine
+        """The embedded engine (for tests and tools); NotSupported over the network."""
+        if not isinstance(self._b, LocalBackend):
+            raise NotSupported(f"{self.url!r} is a server: its engine runs in its process")
+        return self._b.engine
 
     async def create_queue(
         self,
@@ -172,55 +170,55 @@ class Broker:
             "dedup": dedup,
             "dedup_window": dedup_window,
         }
-        spec = queue_spec(name, guarantee, options)
-        return await asyncio.to_thread(self._engine.create_queue, spec)
+        return await self._b.create_queue(queue_spec(name, guarantee, options))
 
     async def describe(self, queue: str) -> QueueDescription:
-        return self._engine.describe(queue)
+        return await self._b.describe(queue)
 
     async def queues(self) -> list[str]:
-        return self._engine.queue_names()
+        return await self._b.queue_names()
 
     async def peek(
         self, queue: str, limit: int = 10, *, start: int | None = None
     ) -> list[StoredMessage]:
         """Retained messages of ``queue`` from offset ``start`` (default: the oldest),
         read without consuming them."""
-        return self._engine.peek(queue, limit, start)
+        return await self._b.peek(queue, limit, start)
 
     async def info(self) -> BrokerStats:
         """The broker's own counters: commits and fsyncs since it opened."""
-        return self._engine.info()
+        return await self._b.info()
 
     async def stats(self, queue: str) -> QueueStats:
-        return self._engine.stats(queue)
+        return await self._b.stats(queue)
 
     def producer(self, id: str | None = None) -> Producer:  # noqa: A002 - like Envelope.id
-        """See ``arrival.Broker.producer``."""
-        return Producer(self._engine, id)
+        """See ``arrival.Broker.producer``. A named producer's registration (which fences
+        an older holder) starts now and completes before its first send."""
+        return Producer(self._b, id)
 
     def transaction(
         self, transactional_id: str, *, timeout: float = DEFAULT_TRANSACTION_TIMEOUT_S
     ) -> Transaction:
         """See ``arrival.Broker.transaction``; use it as ``async with``."""
-        return Transaction(self._engine, transactional_id, timeout)
+        return Transaction(self._b, transactional_id, timeout)
 
     def consumer(self, queue: str, group: str = "default", *, start: str = "earliest") -> Consumer:
-        return Consumer(self._engine, queue, group, start)
+        return Consumer(self._b, queue, group, start)
 
     def dead_letters(self, queue: str) -> DeadLetters:
-        self._engine.spec(queue)
-        return DeadLetters(self._engine, queue)
+        _now_or_later(self._b.spec(queue))  # an unknown queue raises now when it can
+        return DeadLetters(self._b, queue)
 
     async def close(self) -> None:
-        await asyncio.to_thread(self._engine.close)
+        await self._b.close()
 
 
 class Producer:
     """The async twin of ``arrival.Producer``: concurrent sends share one fsync."""
 
-    def __init__(self, engine: Engine, producer_id: str | None = None) -> None:
-        self._core = ProducerCore(engine, producer_id)
+    def __init__(self, backend: Backend, producer_id: str | None = None) -> None:
+        self._core = ProducerCore(backend, producer_id)
         self._closed = False
 
     def __repr__(self) -> str:
@@ -247,18 +245,15 @@ class Producer:
     ) -> int | None:
         if self._closed:
             raise ClosedError("the producer")
-        ticket = self._core.submit(queue, [to_send(body, key, headers, id)])
-        return None if ticket is None else await _committed(ticket)
+        return await adrive(self._core.send(queue, [to_send(body, key, headers, id)]))
 
     async def send_batch(self, queue: str, messages: Iterable[bytes | Any]) -> int | None:
         if self._closed:
             raise ClosedError("the producer")
         items = list(messages)
         if all(type(m) is bytes for m in items):  # the fast path: bodies only
-            ticket = self._core.submit(queue, None, items)
-        else:
-            ticket = self._core.submit(queue, batch_to_send(items))
-        return None if ticket is None else await _committed(ticket)
+            return await adrive(self._core.send(queue, None, items))
+        return await adrive(self._core.send(queue, batch_to_send(items)))
 
     async def close(self) -> None:
         self._closed = True
@@ -267,8 +262,11 @@ class Producer:
 class Transaction:
     """The async twin of ``arrival.Transaction``; use it as ``async with``."""
 
-    def __init__(self, engine: Engine, tid: str, timeout: float) -> None:
-        self._core = TransactionCore(engine, tid, timeout)
+    def __init__(self, backend: Backend, tid: str, timeout: float) -> None:
+        self._core = TransactionCore(backend, tid, timeout)
+        if self._core.beginning is not None and self._core.beginning.done():
+            self._core.epoch = self._core.beginning.wait()  # fenced at once when it can be
+            self._core.beginning = None
 
     def __repr__(self) -> str:
         return repr(self._core)
@@ -282,6 +280,7 @@ class Transaction:
         return self._core.state
 
     async def __aenter__(self) -> Transaction:
+        await adrive(self._core.begun())
         return self
 
     async def __aexit__(
@@ -303,27 +302,35 @@ class Transaction:
         id: str | None = None,  # noqa: A002 - the SPEC's name
         source: MessageBase | None = None,
     ) -> None:
+        self._core.check_open()
+        await adrive(self._core.prepare([queue]))
         self._core.add(queue, [to_send(body, key, headers, id)], source)
 
     async def send_batch(
         self, queue: str, messages: Iterable[bytes | Any], *, source: MessageBase | None = None
     ) -> None:
+        self._core.check_open()
+        await adrive(self._core.prepare([queue]))
         self._core.add(queue, batch_to_send(list(messages)), source)
 
     async def ack(self, msg: MessageBase) -> None:
         self._core.ack(msg)
 
     async def commit(self) -> None:
-        ticket = self._core.submit()
+        self._core.check_open()
+        await adrive(self._core.begun())
+        pending = self._core.submit()
         try:
-            await _committed(ticket)
+            await pending
         except BaseException:
             self._core.finished(False)
             raise
         self._core.finished(True)
 
     async def abort(self) -> None:
-        self._core.abort()
+        ended = self._core.abort()
+        if ended is not None:
+            await ended
 
 
 class Outputs(OutputsBase):
@@ -349,37 +356,54 @@ class Message(MessageBase):
     __slots__ = ()
 
     async def ack(self) -> None:
-        ticket = self._engine.ack(self._member, self._epoch, ((self.offset, self.attempt),))
-        if ticket is not None:
-            await _committed(ticket)
+        await self._backend.ack(self._member, self._epoch, ((self.offset, self.attempt),))
 
     async def nack(self, delay: float | None = None, *, error: str | None = None) -> None:
-        self._engine.nack(self._member, self._epoch, self.offset, self.attempt, delay, error)
+        b = self._backend
+        await b.nack(self._member, self._epoch, self.offset, self.attempt, delay, error)
 
     async def reject(self, reason: str) -> None:
-        self._engine.reject(self._member, self._epoch, self.offset, self.attempt, reason)
+        b = self._backend
+        await b.reject(self._member, self._epoch, self.offset, self.attempt, reason)
 
     async def extend(self, seconds: float | None = None) -> None:
-        self.lease_deadline = self._engine.extend(
+        b = self._backend
+        self.lease_deadline = await b.extend(
             self._member, self._epoch, self.offset, self.attempt, seconds
         )
 
     async def release(self) -> None:
-        self._engine.release(self._member, self._epoch, self.offset, self.attempt)
+        await self._backend.release(self._member, self._epoch, self.offset, self.attempt)
 
 
 class Consumer:
     """The async twin of ``arrival.Consumer``; iterate it with ``async for``."""
 
-    def __init__(self, engine: Engine, queue: str, group: str, start: str) -> None:
+    def __init__(self, backend: Backend, queue: str, group: str, start: str) -> None:
         if start not in ("earliest", "latest"):
             raise UsageError(f"start must be 'earliest' or 'latest', not {start!r}")
-        self._engine = engine
+        self._b = backend
         self.queue = queue
         self.group = group
-        self._member = engine.join(queue, group, latest=start == "latest")
-        self._ctx = MessageContext(engine, self._member, queue, group)
+        # joining starts now; over the network it completes by the first receive
+        self._joining: Pending[int] | None = backend.join(queue, group, start == "latest")
+        self._member = -1
+        self._ctx: MessageContext | None = None
         self._closed = False
+        if self._joining.done():
+            self._joined(self._joining.wait())
+
+    def _joined(self, member: int) -> MessageContext:
+        self._joining = None
+        self._member = member
+        self._ctx = MessageContext(self._b, member, self.queue, self.group)
+        return self._ctx
+
+    async def _context(self) -> MessageContext:
+        if self._ctx is not None:
+            return self._ctx
+        assert self._joining is not None
+        return self._joined(await self._joining)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -393,7 +417,8 @@ class Consumer:
 
     async def stats(self) -> ConsumerStats:
         """This consumer's counters and how many messages it holds now."""
-        return self._engine.member_stats(self._member)
+        await self._context()
+        return await self._b.member_stats(self._member)
 
     async def receive(self, timeout: float | None = None) -> Message | None:
         got = await self.receive_batch(1, timeout)
@@ -404,38 +429,14 @@ class Consumer:
     ) -> list[Message]:
         if max_messages < 1:
             raise UsageError("max_messages must be at least 1")
-        engine = self._engine
-        loop = asyncio.get_running_loop()
-        end = None if timeout is None else time.monotonic() + timeout
-        while True:
-            if self._closed:
-                raise ClosedError("the consumer")
-            got, version, due = engine.poll(self._member, max_messages)
-            if got:
-                ctx = self._ctx
-                return [Message(ctx, off, att, dl, rec) for off, att, dl, rec in got]
-            wait = None if end is None else end - time.monotonic()
-            if wait is not None and wait <= 0:
-                return []
-            if due is not None:
-                until_due = max(0.0, due - engine.clock.now()) + _WAKE_SLACK_S
-                wait = until_due if wait is None else min(wait, until_due)
-            fut: asyncio.Future[None] = loop.create_future()
-
-            def wake(fut: asyncio.Future[None] = fut) -> None:
-                _call_soon(loop, fut)
-
-            unwatch = engine.watch(wake)
-            try:
-                if engine.version == version and not engine.closed:
-                    await asyncio.wait_for(fut, wait)
-            except TimeoutError:
-                pass
-            finally:
-                unwatch()
+        if self._closed:
+            raise ClosedError("the consumer")
+        ctx = await self._context()
+        got = await self._b.receive(ctx.member, max_messages, timeout)
+        return [Message(ctx, off, att, dl, rec) for off, att, dl, rec in got]
 
     async def __aiter__(self) -> AsyncIterator[Message]:
-        while not self._closed and not self._engine.closed:
+        while not self._closed and not self._b.closed:
             try:
                 msg = await self.receive(timeout=1.0)
             except ClosedError:
@@ -447,9 +448,7 @@ class Consumer:
         msgs = list(messages)
         if msgs:
             receipts = [(m.offset, m.attempt) for m in msgs]
-            ticket = self._engine.ack(self._member, msgs[0]._epoch, receipts)
-            if ticket is not None:
-                await _committed(ticket)
+            await self._b.ack(self._member, msgs[0]._epoch, receipts)
 
     async def process(
         self,
@@ -466,8 +465,9 @@ class Consumer:
     ) -> ProcessResult:
         """See ``arrival.Consumer.process``; ``handler`` may be sync or async."""
         check_arguments(batch, interval, timeout)
+        await self._context()
         gen = steps(
-            self._engine,
+            self._b,
             Outputs,
             transactional_id=transactional_id,
             batch=batch,
@@ -490,6 +490,7 @@ class Consumer:
                     r = handler(cmd.msg, cmd.out)
                     if asyncio.iscoroutine(r):
                         await r
+                    await adrive(cmd.out._prepare())
                     cmd.out._flush()  # all of its outputs, or (refused) none
                 except Exception as exc:  # noqa: BLE001 - the handler's failure is data
                     return exc
@@ -500,7 +501,7 @@ class Consumer:
                 with contextlib.suppress(ReceiptError):
                     await cmd.msg.release()
             elif type(cmd) is Wait:
-                await _committed(cmd.ticket)
+                return await cmd.pending
             return None
 
         reply: Any = None
@@ -519,19 +520,25 @@ class Consumer:
     async def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._engine.leave(self._member)
+            if self._joining is not None:
+                with contextlib.suppress(Exception):  # a failed join has nothing to leave
+                    await self._context()
+            if self._ctx is not None:
+                await self._b.leave(self._member)
 
 
 class DeadLetters:
     """The async twin of ``arrival.DeadLetters``."""
 
-    def __init__(self, engine: Engine, queue: str) -> None:
-        self._engine = engine
+    def __init__(self, backend: Backend, queue: str) -> None:
+        self._b = backend
         self.queue = queue
 
+    def __repr__(self) -> str:
+        return f"<arrival.aio.DeadLetters of {self.queue!r}>"
+
     async def list(self, limit: int | None = None) -> builtins.list[DeadMessage]:
-        await _committed(self._engine.flush())
-        return self._engine.dead_letters(self.queue, limit)
+        return await self._b.dead_letters(self.queue, limit)
 
     async def replay(
         self,
@@ -540,17 +547,10 @@ class DeadLetters:
         limit: int | None = None,
         dry_run: bool = False,
     ) -> builtins.list[DeadMessage]:
-        await _committed(self._engine.flush())
-        chosen, ticket = self._engine.replay_dead_letters(
-            self.queue, where, limit=limit, dry_run=dry_run
-        )
-        if ticket is not None:
-            await _committed(ticket)
-        return chosen
+        return await self._b.replay_dead_letters(self.queue, where, limit, dry_run)
 
     async def purge(self, where: Callable[[DeadMessage], bool] | None = None) -> int:
-        await _committed(self._engine.flush())
-        return await asyncio.to_thread(self._engine.purge_dead_letters, self.queue, where)
+        return await self._b.purge_dead_letters(self.queue, where)
 
 
 class Router:
@@ -579,7 +579,7 @@ class Router:
         **queue_options: Any,
     ) -> Route:
         exists = queue in await self._broker.queues()
-        existing = self._broker.engine.spec(queue).guarantee if exists else None
+        existing = (await self._broker._b.spec(queue)).guarantee if exists else None
         r = self._r.declare(message_type, queue, guarantee, requires, queue_options, existing)
         if exists:
             await self._broker.create_queue(queue, r.guarantee.value, **queue_options)

@@ -191,7 +191,7 @@ class Router:
         or if another route declares ``queue`` differently; GuaranteeMismatch or
         QueueSpecConflict if ``queue`` exists with another guarantee or settings."""
         exists = queue in self._broker.queues()
-        existing = self._broker.engine.spec(queue).guarantee if exists else None
+        existing = self._broker.describe(queue).guarantee if exists else None
         r = self._r.declare(message_type, queue, guarantee, requires, queue_options, existing)
         if exists:
             self._broker.create_queue(queue, r.guarantee.value, **queue_options)  # checks all

@@ -3,7 +3,8 @@
     python consumer.py DATADIR THREADS SEED
 
 Each thread is a consumer of group ``g``. Output lines: ``READY``; ``GOT id attempt``
-when a message is received; ``ACKED id`` after its ack (or ack_batch) returned;
+when a message is received; ``ACKING id`` just before its ack (or ack_batch) is called and
+``ACKED id`` after it returned (a kill between the two leaves the ack's fate open);
 ``NACKED id`` after a nack returned; ``EMPTY`` when nothing arrived for a while.
 """
 
@@ -39,6 +40,8 @@ def main() -> None:
                 emit(f"GOT {m.id} {m.attempt}")
             time.sleep(PROCESS_S * len(msgs))
             if rng.random() < 0.5:
+                for m in msgs:
+                    emit(f"ACKING {m.id}")
                 consumer.ack_batch(msgs)
                 for m in msgs:
                     emit(f"ACKED {m.id}")
@@ -48,6 +51,7 @@ def main() -> None:
                     m.nack(0.0)
                     emit(f"NACKED {m.id}")
                 else:
+                    emit(f"ACKING {m.id}")
                     m.ack()
                     emit(f"ACKED {m.id}")
 

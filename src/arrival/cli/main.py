@@ -29,7 +29,10 @@ out = Console()
 err = Console(stderr=True)
 
 Url = Annotated[
-    str, typer.Option("--url", envvar="ARRIVAL_URL", help="data directory or 'memory:'")
+    str,
+    typer.Option(
+        "--url", envvar="ARRIVAL_URL", help="data directory, 'memory:' or arrival://host:port"
+    ),
 ]
 Json = Annotated[bool, typer.Option("--json", help="machine-readable output")]
 
@@ -146,6 +149,53 @@ def bench(
             f"{txns / seconds:,.0f}" if txns and seconds > 0 else "-",
         )
     Console(width=max(out.width, 120)).print(table)  # wide enough to truncate no figure
+
+
+@app.command()
+def serve(
+    data: Annotated[str, typer.Option("--data", help="data directory")] = "./data",
+    listen: Annotated[
+        str, typer.Option("--listen", help="HOST:PORT to listen on (port 0: any free port)")
+    ] = "127.0.0.1:7711",
+    token: Annotated[
+        str | None,
+        typer.Option(
+            "--token",
+            envvar="ARRIVAL_TOKEN",
+            help="require this token from clients (never logged)",
+            show_default=False,
+        ),
+    ] = None,
+    tls_cert: Annotated[str | None, typer.Option("--tls-cert", help="PEM certificate")] = None,
+    tls_key: Annotated[str | None, typer.Option("--tls-key", help="PEM private key")] = None,
+    max_connections: Annotated[
+        int, typer.Option("--max-connections", help="connections served at once")
+    ] = 1024,
+    log_level: Annotated[str, typer.Option("--log-level", help="DEBUG/INFO/WARNING")] = "INFO",
+) -> None:
+    """Share one broker over TCP: clients connect with arrival://HOST:PORT.
+
+    Stops gracefully on SIGTERM or SIGINT: no new connections, consumers' leases go back
+    without spending attempts, everything pending is committed and fsynced."""
+    import logging
+
+    from arrival.server import serve as run_server
+
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        run_server(
+            data,
+            listen,
+            token=token,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            max_connections=max_connections,
+        )
+    except (ArrivalError, OSError) as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1) from None
 
 
 @queues_app.command("list")

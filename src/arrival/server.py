@@ -1,0 +1,635 @@
+"""``arrival serve``: one embedded engine shared over TCP.
+
+Each connection is a ``_Session``: it feeds bytes to the sans-IO protocol
+(``arrival.protocol``), runs each request as an operation of the engine's
+``LocalBackend`` and writes the reply when its result is there. Requests of one
+connection start in the order they arrived (so a producer's sequence numbers reach
+the engine in order), and finish in any order (a durable send waits for its fsync
+while a receive waits for a message).
+
+A connection's consumers leave the moment it drops: their leases go back without
+spending attempts. Bad input closes only the connection that sent it, with an error
+frame when one can be sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import os
+import signal
+import ssl
+from collections.abc import Callable
+from typing import Any, cast
+
+import msgspec
+
+from arrival import __version__
+from arrival._backend import LocalBackend, _Receive
+from arrival._common import local_backend
+from arrival._pending import Deferred, Pending
+from arrival._wire import (
+    encode_deliveries,
+    encode_error,
+    from_plain,
+    record,
+    to_plain,
+)
+from arrival.engine import DeadMessage
+from arrival.errors import ArrivalError, ClosedError, UsageError
+from arrival.model import QueueSpec
+from arrival.protocol import (
+    SERVER,
+    Connection,
+    Error,
+    Goodbye,
+    Hello,
+    ProtocolError,
+    RemoteProtocolError,
+    Reply,
+    Request,
+    Welcome,
+    error_for,
+)
+from arrival.protocol.connection import NEED_DATA
+
+__all__ = ["DEFAULT_LISTEN", "Server", "parse_listen", "serve", "tls_context"]
+
+log = logging.getLogger("arrival.server")
+
+DEFAULT_LISTEN = "127.0.0.1:7711"
+DEFAULT_MAX_CONNECTIONS = 1024
+MAX_REQUESTS_PER_CONNECTION = 256  # running at once; reading pauses beyond it
+MAX_OPEN_TRANSACTIONS = 10_000  # begin times a connection keeps for its transactions
+MAX_RECEIVE = 10_000  # messages one receive may take: a consumer's in-flight bound
+_WRITE_HIGH = 4 << 20  # bytes buffered for a slow reader before its reading pauses
+
+_Encode = Callable[[Any], Any]
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+class Server:
+    """Serves ``backend`` on ``host:port``. ``start()``, then ``close()`` (graceful)."""
+
+    def __init__(
+        self,
+        backend: LocalBackend,
+        *,
+        token: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    ) -> None:
+        self.backend = backend
+        self._token = token.encode() if token else None
+        self._ssl = ssl_context
+        self.max_connections = max_connections
+        self.sessions: set[_Session] = set()
+        self._server: asyncio.Server | None = None
+        self.address: tuple[str, int] = ("", 0)
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _Session(self), host, port, ssl=self._ssl, reuse_address=True
+        )
+        sock = self._server.sockets[0]
+        self.address = sock.getsockname()[:2]
+        return self.address
+
+    def check_token(self, given: str | None) -> bool:
+        if self._token is None:
+            return True
+        return given is not None and hmac.compare_digest(given.encode(), self._token)
+
+    async def close(self) -> None:
+        """Stop accepting, say goodbye to every client (their consumers leave, releasing
+        leases without spending attempts), then flush and close the engine."""
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+        for s in list(self.sessions):
+            s.shut("the server is shutting down")
+        for _ in range(100):  # let in-flight replies (commits) reach their clients
+            if not any(s.running for s in self.sessions):
+                break
+            await asyncio.sleep(0.02)
+        await self.backend.close()
+
+
+class _Session(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.backend = server.backend
+        self.conn = Connection(SERVER)
+        self.transport: asyncio.Transport | None = None
+        self.members: set[int] = set()
+        self.left: set[int] = set()  # consumers this connection closed
+        self.begun: dict[tuple[str, tuple[int, int]], float] = {}  # (tid, epoch) -> when
+        self.running = 0  # requests started, not yet answered
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.peer = "?"
+        self.closed = False
+        self._reading_paused = False
+        self._writing_paused = False
+        self.loop = asyncio.get_running_loop()
+
+    # -- transport callbacks ----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.transport.set_write_buffer_limits(high=_WRITE_HIGH)
+        peer = self.transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        if len(self.server.sessions) >= self.server.max_connections:
+            log.warning("refused %s: %d connections open", self.peer, len(self.server.sessions))
+            self._write_error(
+                Error(None, "BrokerUnreachable", "too many connections: try again later")
+            )
+            transport.close()
+            self.closed = True
+            return
+        self.server.sessions.add(self)
+        log.info("connection from %s", self.peer)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.server.sessions.discard(self)
+        for task in self.tasks:
+            task.cancel()
+        for m in self.members:
+            with contextlib.suppress(ArrivalError):
+                self.backend.leave(m)  # its leases go back at once, no attempt spent
+        self.members.clear()
+        log.info("connection from %s closed", self.peer)
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+        self._flow()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._flow()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            self.conn.receive_data(data)
+            while True:
+                event = self.conn.next_event()
+                if event is NEED_DATA:
+                    break
+                self._handle(event)
+                if self.closed:
+                    return
+        except RemoteProtocolError as exc:
+            log.warning("protocol error from %s: %s", self.peer, exc)
+            self._write_error(error_for(exc))
+            self._close()
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    # -- events -----------------------------------------------------------------------
+
+    def _handle(self, event: Any) -> None:
+        kind = type(event)
+        if kind is Request:
+            self._start(event)
+        elif kind is Hello:
+            if not self.server.check_token(event.token):
+                log.warning("authentication failed for %s", self.peer)
+                self._write_error(
+                    Error(None, "AuthenticationFailed", "authentication failed: wrong token")
+                )
+                self._close()
+                return
+            welcome = Welcome(
+                server=f"arrival/{__version__}",
+                broker_epoch=self.backend.epoch,
+                max_frame=self.conn.max_frame,
+            )
+            self._write(self.conn.send(welcome))
+        elif kind is Goodbye:
+            self._close()
+
+    def _start(self, req: Request) -> None:
+        handler = _OPS.get(req.op)
+        if handler is None:
+            self._reply_error(req.id, UsageError(f"unknown operation {req.op!r}"))
+            return
+        try:
+            pending, encode = handler(self, req.args)
+        except ArrivalError as exc:
+            self._reply_error(req.id, exc)
+            return
+        except (KeyError, TypeError, ValueError, msgspec.ValidationError) as exc:
+            self._reply_error(req.id, UsageError(f"malformed {req.op!r} request: {exc!r}"))
+            return
+        self.running += 1
+        self._flow()
+        if isinstance(pending, (Deferred, _Receive)):
+            task = self.loop.create_task(self._await(req.id, pending, encode))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        elif pending.done():
+            self._finish(req.id, pending, encode)
+        else:
+            rid = req.id
+
+            def done() -> None:
+                with contextlib.suppress(RuntimeError):  # the loop closed: no one to answer
+                    self.loop.call_soon_threadsafe(self._finish, rid, pending, encode)
+
+            pending.add_done_callback(done)
+
+    async def _await(self, rid: int, pending: Pending[Any], encode: _Encode) -> None:
+        try:
+            value = await pending
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - the request's error is its answer
+            self._answered()
+            self._reply_error(rid, exc)
+            return
+        self._answered()
+        self._reply(rid, encode(value))
+
+    def _finish(self, rid: int, pending: Pending[Any], encode: _Encode) -> None:
+        self._answered()
+        try:
+            value = pending.wait()
+        except BaseException as exc:  # noqa: BLE001 - the request's error is its answer
+            self._reply_error(rid, exc)
+            return
+        self._reply(rid, encode(value))
+
+    def _answered(self) -> None:
+        self.running -= 1
+        self._flow()
+
+    def _flow(self) -> None:
+        """Stop reading while too much is running or the client reads too slowly."""
+        if self.transport is None or self.closed:
+            return
+        pause = self.running >= MAX_REQUESTS_PER_CONNECTION or self._writing_paused
+        if pause and not self._reading_paused:
+            self.transport.pause_reading()
+            self._reading_paused = True
+        elif not pause and self._reading_paused:
+            self.transport.resume_reading()
+            self._reading_paused = False
+
+    # -- writing ----------------------------------------------------------------------
+
+    def _reply(self, rid: int, result: Any) -> None:
+        if self.closed:
+            return
+        try:
+            self._write(self.conn.send(Reply(rid, result)))
+        except ProtocolError as exc:  # e.g. a reply larger than max_frame
+            self._reply_error(rid, UsageError(str(exc)))
+
+    def _reply_error(self, rid: int, exc: BaseException) -> None:
+        if self.closed:
+            return
+        if not isinstance(exc, ArrivalError):
+            log.exception("request %d from %s failed", rid, self.peer, exc_info=exc)
+        with contextlib.suppress(ProtocolError):
+            self._write(self.conn.send(encode_error(rid, exc)))
+
+    def _write_error(self, frame: Error) -> None:
+        with contextlib.suppress(ProtocolError):
+            self._write(self.conn.send(frame))
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def shut(self, reason: str) -> None:
+        with contextlib.suppress(ProtocolError):
+            self._write(self.conn.send(Goodbye(reason)))
+        self._close()
+
+    def _close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- helpers for the operations ---------------------------------------------------
+
+    def member(self, m: Any) -> int:
+        """A consumer of this connection, for receiving; one it closed is closed."""
+        if m not in self.members:
+            raise ClosedError("the consumer")
+        return int(m)
+
+    def settling(self, m: Any) -> int:
+        """The consumer a settle names: the engine refuses one that left (LeaseExpired),
+        and a consumer of another connection is never reachable from this one."""
+        if m in self.members or m in self.left:
+            return int(m)
+        return -1
+
+
+# =====================================================================================
+# the operations: args (plain data) -> (Pending, encoder of its result)
+# =====================================================================================
+
+_Op = Callable[[_Session, dict[str, Any]], tuple[Pending[Any], _Encode]]
+_OPS: dict[str, _Op] = {}
+
+
+def _op(name: str) -> Callable[[_Op], _Op]:
+    def register(fn: _Op) -> _Op:
+        _OPS[name] = fn
+        return fn
+
+    return register
+
+
+@_op("create_queue")
+def _create_queue(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode]:
+    return s.backend.create_queue(from_plain(a["spec"], QueueSpec)), to_plain
+
+
+@_op("spec")
+def _spec(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode]:
+    return s.backend.spec(a["q"]), to_plain
+
+
+@_op("describe")
+def _describe(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode]:
+    return s.backend.describe(a["q"]), to_plain
+
+
+@_op("queues")
+def _queues(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode]:
+    return s.backend.queue_names(), _same
+
+
+@_op("peek")
+def _peek(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode]:
+    return s.backend.peek(a["q"], int(a["limit"]), a.get("start")), to_plain
+
+
+@_op("info")
+def _info(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode]:
+    return s.backend.info(), to_plain
+
+
+@_op("stats")
+def _stats(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode]:
+    return s.backend.stats(a["q"]), to_plain
+
+
+@_op("member_stats")
+def _member_stats(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode]:
+    return s.backend.member_stats(s.member(a["m"])), to_plain
+
+
+@_op("register")
+def _register(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode]:
+    return s.backend.register_producer(a["p"]), _same
+
+
+@_op("send")
+def _send(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode]:
+    p = a.get("p")
+    producer = None if p is None else (str(p[0]), int(p[1]), int(p[2]))
+    bodies = a.get("bodies")
+    if bodies is not None:
+        return s.backend.send(a["q"], None, [bytes(b) for b in bodies], producer), _same
+    msgs = [(m[0], m[1], dict(m[2]) if m[2] else None, bytes(m[3])) for m in a["msgs"]]
+    return s.backend.send(a["q"], msgs, None, producer), _same
+
+
+@_op("begin")
+def _begin(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode]:
+    tid = a["t"]
+    p = s.backend.begin_transaction(tid)
+    if len(s.begun) >= MAX_OPEN_TRANSACTIONS:
+        s.begun.pop(next(iter(s.begun)))  # the oldest: its commit falls back on the age
+    s.begun[(tid, p.wait())] = s.backend.now()
+    return p, list
+
+
+@_op("end")
+def _end(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode]:
+    e = a["e"]
+    epoch = (int(e[0]), int(e[1]))
+    s.begun.pop((a["t"], epoch), None)
+    return s.backend.end_transaction(a["t"], epoch), _same
+
+
+@_op("commit")
+def _commit(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode]:
+    b = s.backend
+    now = b.now()
+    e = a["e"]
+    epoch = (int(e[0]), int(e[1]))
+    tid = a["t"]
+    # its age by the client's clock, or since its begin here if that is older
+    started = now - max(0.0, float(a["age"]))
+    if not a["keep"]:
+        started = min(started, s.begun.pop((tid, epoch), started))
+    sends = []
+    for q, recs in a["sends"]:
+        sends.append((str(q), [(now, *record(r)[1:]) for r in recs]))
+    acks = [
+        (s.settling(m), int(ep), [(int(o), int(at)) for o, at in receipts])
+        for m, ep, receipts in a["acks"]
+    ]
+    pending = b.commit_transaction(
+        tid, epoch, started, float(a["timeout"]), sends, acks, bool(a["keep"])
+    )
+    return pending, _same
+
+
+@_op("join")
+def _join(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode]:
+    p = s.backend.join(a["q"], a["g"], bool(a["latest"]))
+    member = p.wait()
+    s.members.add(member)
+    return p, _same
+
+
+@_op("leave")
+def _leave(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode]:
+    m = a["m"]
+    if m not in s.members:
+        return s.backend.leave(-1), _same  # left already: nothing to do
+    s.members.discard(m)
+    s.left.add(m)
+    return s.backend.leave(m), _same
+
+
+@_op("receive")
+def _receive(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode]:
+    limit = max(1, min(int(a["n"]), MAX_RECEIVE))
+    t = a.get("timeout")
+    return s.backend.receive(s.member(a["m"]), limit, None if t is None else float(t)), (
+        encode_deliveries
+    )
+
+
+@_op("ack")
+def _ack(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode]:
+    receipts = [(int(o), int(at)) for o, at in a["r"]]
+    return s.backend.ack(s.settling(a["m"]), int(a["e"]), receipts), _same
+
+
+@_op("nack")
+def _nack(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode]:
+    d = a.get("delay")
+    return s.backend.nack(
+        s.settling(a["m"]),
+        int(a["e"]),
+        int(a["o"]),
+        int(a["a"]),
+        None if d is None else float(d),
+        a.get("error"),
+    ), _same
+
+
+@_op("reject")
+def _reject(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode]:
+    m = s.settling(a["m"])
+    return s.backend.reject(m, int(a["e"]), int(a["o"]), int(a["a"]), str(a["reason"])), _same
+
+
+@_op("extend")
+def _extend(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode]:
+    sec = a.get("s")
+    m = s.settling(a["m"])
+    seconds = None if sec is None else float(sec)
+    return s.backend.extend(m, int(a["e"]), int(a["o"]), int(a["a"]), seconds), _same
+
+
+@_op("release")
+def _release(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode]:
+    m = s.settling(a["m"])
+    return s.backend.release(m, int(a["e"]), int(a["o"]), int(a["a"])), _same
+
+
+@_op("leased")
+def _leased(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode]:
+    from arrival._pending import Ready
+
+    m = a["m"]
+    if m not in s.members:
+        return Ready(False), _same
+    return Ready(s.backend.is_leased(m, int(a["e"]), int(a["o"]), int(a["a"]), 0.0)), _same
+
+
+def _offsets(a: dict[str, Any]) -> Callable[[DeadMessage], bool] | None:
+    chosen = a.get("offsets")
+    if chosen is None:
+        return None
+    wanted = {int(o) for o in chosen}
+    return lambda d: d.offset in wanted
+
+
+@_op("dlq_list")
+def _dlq_list(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode]:
+    return s.backend.dead_letters(a["q"], a.get("limit")), to_plain
+
+
+@_op("dlq_replay")
+def _dlq_replay(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode]:
+    b = s.backend
+    return b.replay_dead_letters(a["q"], _offsets(a), a.get("limit"), bool(a["dry"])), to_plain
+
+
+@_op("dlq_purge")
+def _dlq_purge(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode]:
+    return s.backend.purge_dead_letters(a["q"], _offsets(a)), _same
+
+
+# =====================================================================================
+# running a server: ``arrival serve``
+# =====================================================================================
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise UsageError(f"--listen takes HOST:PORT (e.g. 127.0.0.1:7711), not {listen!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise UsageError("TLS needs both --tls-cert and --tls-key")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def serve(
+    data: str,
+    listen: str,
+    *,
+    token: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+) -> None:
+    """Serve ``data`` on ``listen`` until SIGTERM/SIGINT. Prints ``listening on H:P``
+    (with the real port when 0 was asked) once clients can connect."""
+    host, port = parse_listen(listen)
+    ctx = tls_context(tls_cert, tls_key)
+    main = _serve(data, host, port, token, ctx, max_connections)
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is not built for every platform
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
+
+
+async def _serve(
+    data: str,
+    host: str,
+    port: int,
+    token: str | None,
+    ctx: ssl.SSLContext | None,
+    max_connections: int,
+) -> None:
+    backend = local_backend(data)
+    server = Server(backend, token=token, ssl_context=ctx, max_connections=max_connections)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        h, p = await server.start(host, port)
+    except BaseException:
+        await backend.close()
+        raise
+    scheme = "arrivals" if ctx is not None else "arrival"
+    log.info(
+        "serving %s on %s://%s:%d (pid %d, broker epoch %d%s)",
+        backend.url,
+        scheme,
+        h,
+        p,
+        os.getpid(),
+        backend.epoch,
+        ", token required" if token else "",
+    )
+    print(f"listening on {h}:{p}", flush=True)
+    await stop.wait()
+    log.info("shutting down: no new connections; releasing leases, flushing")
+    await server.close()
+    log.info("stopped cleanly")

@@ -1,0 +1,67 @@
+"""An arrival server in this process, on its own event loop thread, for the contract
+suite: the same tests run through the real protocol, a real TCP socket on 127.0.0.1 and
+the network client, while the engine behind it keeps the test's fake clock."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+
+from arrival._backend import LocalBackend
+from arrival.engine import Engine
+from arrival.server import Server
+from arrival.storage.base import Storage
+from arrival.testing import FakeClock
+
+
+class InProcessServer:
+    def __init__(
+        self,
+        storage: Storage,
+        clock: FakeClock | None = None,
+        rng: random.Random | None = None,
+        token: str | None = None,
+    ) -> None:
+        self.backend = LocalBackend(Engine(storage, clock=clock, rng=rng), "in-process")
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = Server(self.backend, token=token)
+        host, port = self._run(self.server.start("127.0.0.1", 0))
+        self.url = f"arrival://{host}:{port}"
+        self.stopped = False
+
+    def _run(self, coro: object) -> object:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)  # type: ignore[arg-type]
+
+    @property
+    def engine(self) -> Engine:
+        return self.backend.engine
+
+    def crash(self) -> None:
+        """Stop as SIGKILL would: nothing pending is committed; connections drop."""
+        if not self.stopped:
+            self.engine.abandon()
+            self._stop_loop(graceful=False)
+
+    def stop(self) -> None:
+        if not self.stopped:
+            self._run(self.server.close())
+            self._stop_loop(graceful=True)
+
+    def _stop_loop(self, graceful: bool) -> None:
+        self.stopped = True
+
+        async def drop() -> None:
+            if self.server._server is not None:
+                self.server._server.close()
+            for s in list(self.server.sessions):
+                if s.transport is not None:
+                    s.transport.abort()
+
+        if not graceful:
+            self._run(drop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
