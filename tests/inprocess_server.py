@@ -22,14 +22,16 @@ class InProcessServer:
         clock: FakeClock | None = None,
         rng: random.Random | None = None,
         token: str | None = None,
+        port: int = 0,
     ) -> None:
         self.backend = LocalBackend(Engine(storage, clock=clock, rng=rng), "in-process")
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.server = Server(self.backend, token=token)
-        host, port = self._run(self.server.start("127.0.0.1", 0))
+        host, port = self._run(self.server.start("127.0.0.1", port))
         self.url = f"arrival://{host}:{port}"
+        self.port = port
         self.stopped = False
 
     def _run(self, coro: object) -> object:

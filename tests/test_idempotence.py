@@ -752,10 +752,17 @@ def test_a_transaction_with_a_message_that_cannot_be_encoded_stores_nothing(
     broker.create_queue("b", "exactly-once")
     tx = broker.transaction("t")
     tx.send("a", b"part one")
-    tx.send("b", b"part two", key="\udc80")
+    with pytest.raises(UsageError, match="not valid Unicode"):  # refused at once
+        tx.send("b", b"part two", key="\udc80")
+    tx.abort()
+    # and the engine refuses a transaction holding one (as a remote client could send)
+    engine = engine_of(broker)
+    epoch = engine.begin_transaction("t2")
+    sends = [("a", [(0.0, None, None, None, b"part one")])]
+    sends.append(("b", [(0.0, None, "\udc80", None, b"part two")]))
     with pytest.raises((UsageError, ValueError)):
-        tx.commit()
-    engine_of(broker).flush().wait()
+        engine.commit_transaction("t2", epoch, engine.clock.now(), 60.0, sends, [])
+    engine.flush().wait()
     assert broker.stats("a").stored == 0
     assert broker.stats("b").stored == 0
 

@@ -167,6 +167,11 @@ class Backend:
     def close(self) -> Pending[None]:
         raise NotImplementedError
 
+    def shared_producer(self) -> Any:
+        """The idempotent producer anonymous producers send durable messages with, when
+        the backend may repeat a send (the network client); None in process."""
+        return None
+
 
 def _none(_offset: int) -> None:
     return None

@@ -129,10 +129,14 @@ def _body(body: object) -> bytes:
 def to_send(body: object, key: object, headers: object, mid: object) -> Send:
     """Check one message's fields and return them as the engine takes them."""
     b = _body(body)
-    if key is not None and not isinstance(key, str):
-        raise TypeError(f"key must be a str or None, not {type(key).__name__}")
-    if mid is not None and not isinstance(mid, str):
-        raise TypeError(f"id must be a str or None, not {type(mid).__name__}")
+    if key is not None:
+        if not isinstance(key, str):
+            raise TypeError(f"key must be a str or None, not {type(key).__name__}")
+        _check_text("the key", key)
+    if mid is not None:
+        if not isinstance(mid, str):
+            raise TypeError(f"id must be a str or None, not {type(mid).__name__}")
+        _check_text("the id", mid)
     h: dict[str, str] | None = None
     if headers:
         if not isinstance(headers, Mapping):
@@ -141,8 +145,19 @@ def to_send(body: object, key: object, headers: object, mid: object) -> Send:
         for k, v in headers.items():
             if not isinstance(k, str) or not isinstance(v, str):
                 raise TypeError(f"headers must map str to str; got {k!r}: {v!r}")
+            _check_text("a header", k)
+            _check_text("a header", v)
             h[k] = v
     return (mid, key, h, b)
+
+
+def _check_text(what: str, text: str) -> None:
+    """Refuse text that can't be stored or sent: a lone surrogate is not UTF-8."""
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError as exc:
+            raise UsageError(f"{what} {text!r} is not valid Unicode text ({exc.reason})") from None
 
 
 def batch_to_send(items: object) -> list[Send]:
@@ -301,6 +316,8 @@ class ProducerCore:
     ) -> Steps[int | None]:
         """Steps (``_pending.drive``) that send and return the first offset (None for
         at-most-once queues)."""
+        if not (messages if bodies is None else bodies):
+            raise UsageError("send needs at least one message")
         yield from self.registered()
         spec = self._specs.get(queue)
         if spec is None:
@@ -314,6 +331,11 @@ class ProducerCore:
             for _mid, _key, headers, body in messages:
                 check_size(queue, limit, headers, body)
         backend = self.backend
+        if self.id is None and spec.guarantee is not Guarantee.AT_MOST_ONCE:
+            shared = backend.shared_producer()
+            if shared is not None:  # over the network: numbered, so a resend is stored once
+                offset_: int | None = yield from shared.send(queue, messages, bodies)
+                return offset_
         if self.id is None or spec.guarantee is Guarantee.AT_MOST_ONCE:
             offset: int | None = yield backend.send(queue, messages, bodies, None)
             return offset

@@ -78,6 +78,7 @@ def connect(
     producer_horizon: float | None = None,
     token: str | None = None,
     tls_ca: str | os.PathLike[str] | None = None,
+    reconnect: float = 30.0,
 ) -> Broker:
     """Open a broker: a directory path (durable, embedded), ``"memory:"`` (for tests),
     a Storage, or a server: ``"arrival://host:port"`` (``"arrivals://"`` for TLS).
@@ -87,6 +88,9 @@ def connect(
     send (default 7 days); a retry after that raises ``DedupHorizonPassed``.
     ``token`` (default ``$ARRIVAL_TOKEN``) authenticates to a server that requires one;
     ``tls_ca``: a CA file to verify the server's certificate by (default: the system's).
+    ``reconnect``: seconds a network client keeps reconnecting after the connection
+    drops (0: don't); meanwhile calls wait, and durable sends in flight are sent again
+    with their producer sequence, so they are stored once.
     ``clock`` and ``rng`` replace the system clock and randomness (tests only).
     """
     remote = remote_url(url)
@@ -95,7 +99,7 @@ def connect(
 
         if clock is not None or rng is not None or producer_horizon is not None:
             raise UsageError("clock, rng and producer_horizon are set on the server")
-        return Broker(SyncClient.open(remote, token=token, tls_ca=tls_ca))
+        return Broker(SyncClient.open(remote, token=token, tls_ca=tls_ca, reconnect=reconnect))
     return Broker(local_backend(url, clock=clock, rng=rng, producer_horizon=producer_horizon))
 
 
@@ -465,6 +469,8 @@ class Consumer:
             raise ClosedError("the consumer")
         got = self._b.receive(self._member, max_messages, timeout).wait()
         ctx = self._ctx
+        if ctx.epoch != self._b.epoch:  # delivered by a restarted server: its receipts
+            ctx = self._ctx = MessageContext(self._b, self._member, self.queue, self.group)
         return [Message(ctx, off, att, dl, rec) for off, att, dl, rec in got]
 
     def __iter__(self) -> Iterator[Message]:

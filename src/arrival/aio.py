@@ -92,6 +92,7 @@ async def connect(
     producer_horizon: float | None = None,
     token: str | None = None,
     tls_ca: str | os.PathLike[str] | None = None,
+    reconnect: float = 30.0,
 ) -> Broker:
     """Open a broker; see ``arrival.connect``."""
     remote = remote_url(url)
@@ -100,7 +101,9 @@ async def connect(
 
         if clock is not None or rng is not None or producer_horizon is not None:
             raise UsageError("clock, rng and producer_horizon are set on the server")
-        return Broker(await AsyncClient.open(remote, token=token, tls_ca=tls_ca))
+        return Broker(
+            await AsyncClient.open(remote, token=token, tls_ca=tls_ca, reconnect=reconnect)
+        )
     return Broker(local_backend(url, clock=clock, rng=rng, producer_horizon=producer_horizon))
 
 
@@ -433,6 +436,8 @@ class Consumer:
             raise ClosedError("the consumer")
         ctx = await self._context()
         got = await self._b.receive(ctx.member, max_messages, timeout)
+        if ctx.epoch != self._b.epoch:  # delivered by a restarted server: its receipts
+            ctx = self._ctx = MessageContext(self._b, ctx.member, self.queue, self.group)
         return [Message(ctx, off, att, dl, rec) for off, att, dl, rec in got]
 
     async def __aiter__(self) -> AsyncIterator[Message]:

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import socket
 import ssl
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, cast
@@ -32,6 +34,7 @@ from urllib.parse import urlsplit
 from arrival import __version__
 from arrival._backend import Backend, Where
 from arrival._codec import RecordTuple
+from arrival._common import ProducerCore
 from arrival._pending import Future, Pending, Ready
 from arrival._wire import decode_deliveries, decode_error, from_plain, to_plain
 from arrival.engine import DeadMessage, Delivery, ProducerSeq, Send, TxnAcks
@@ -104,63 +107,145 @@ def _unreachable(url: str, why: str) -> BrokerUnreachable:
     return BrokerUnreachable(f"lost the connection to {url}: {why}")
 
 
-class RemoteBackend(Backend):
-    """The backend operations as requests; subclasses move the bytes."""
+# Requests a reconnected client sends again. Reads are harmless to repeat; a send
+# carries its producer's (id, epoch, sequence), so the broker stores it once; a commit
+# carries an id the server answers a retry by; a receive's deliveries on the lost
+# connection went back to the group at once. Not repeated, they fail with
+# BrokerUnreachable (their outcome is unknown): at-most-once sends (never retried, by
+# contract), acks and the other settles (the lease went back with the connection) and
+# dead-letter replays and purges.
+_RETRIED = frozenset(
+    {
+        "create_queue",
+        "spec",
+        "describe",
+        "queues",
+        "peek",
+        "info",
+        "stats",
+        "member_stats",
+        "register",
+        "send",
+        "begin",
+        "end",
+        "commit",
+        "join",
+        "receive",
+        "leased",
+        "dlq_list",
+    }
+)
+_MEMBER_OPS = frozenset(
+    {"member_stats", "receive", "ack", "nack", "reject", "extend", "release", "leased", "leave"}
+)
+DEFAULT_RECONNECT_S = 30.0
 
-    def __init__(self, url: str) -> None:
+
+class _Req:
+    """A request until it is answered: sent again after a reconnect if it may be."""
+
+    __slots__ = ("args", "deadline", "decode", "fut", "op", "retry")
+
+    def __init__(self, op: str, args: dict[str, Any], fut: Future[Any], decode: _Decode) -> None:
+        self.op = op
+        self.args = args
+        self.fut = fut
+        self.decode = decode
+        self.retry = op in _RETRIED and (op != "send" or args.get("p") is not None)
+        # a receive sent again waits only for what is left of its timeout
+        timeout = args.get("timeout") if op == "receive" else None
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+
+
+class RemoteBackend(Backend):
+    """The backend operations as requests; subclasses move the bytes.
+
+    When the connection drops (and the client did not close it), the requests that may
+    be repeated wait, the transport reconnects with backoff for up to ``reconnect``
+    seconds, the consumers join their groups again, and the waiting requests go out on
+    the new connection in their original order.
+    """
+
+    def __init__(self, url: str, token: str | None, reconnect: float) -> None:
         self.url = url
         self.conn = Connection(CLIENT)
+        self.token = token
+        self.reconnect = reconnect
         self._epoch = 0
         self._closed = False
+        self._connected = False
         self._failure: ArrivalError | None = None
-        self._waiting: dict[int, tuple[Future[Any], _Decode]] = {}
-        self._backlog: deque[tuple[str, dict[str, Any], Future[Any], _Decode]] = deque()
-        self._lock = threading.Lock()  # the Connection, _waiting and _backlog
+        self._waiting: dict[int, _Req] = {}
+        self._backlog: deque[_Req] = deque()
+        self._lock = threading.Lock()  # the Connection, _waiting, _backlog, _members
         self._order = threading.Lock()  # held from framing a request to writing it
         self._specs: dict[str, QueueSpec] = {}
+        self._members: dict[int, int] = {}  # our consumer id -> the server's, this connection
+        self._joins: dict[int, tuple[str, str, bool]] = {}  # to join again after a reconnect
+        self._next_member = 1
+        self._shared: ProducerCore | None = None
+        self._shared_lock = threading.Lock()
+        self.reconnects = 0
+        self._generation = 0  # grows when a connection is lost
 
     # -- moving requests ----------------------------------------------------------------
 
     def _call(self, op: str, args: dict[str, Any], decode: _Decode = _same) -> Future[Any]:
-        fut: Future[Any] = Future()
+        req = _Req(op, args, Future(), decode)
+        self._submit(req)
+        return req.fut
+
+    def _submit(self, req: _Req, urgent: bool = False) -> None:
         with self._order:  # frames go out in the order of their request ids
             with self._lock:
-                if self._failure is not None:
-                    fut.set_exception(self._failure)
-                    return fut
                 if self._closed:
-                    fut.set_exception(ClosedError("the broker"))
-                    return fut
-                if not self._room():
-                    self._backlog.append((op, args, fut, decode))
-                    return fut
-                data = self._frame(op, args, fut, decode)
+                    req.fut.set_exception(ClosedError("the broker"))
+                    return
+                if self._failure is not None:
+                    req.fut.set_exception(self._failure)
+                    return
+                if not urgent and (not self._connected or not self._room()):
+                    self._backlog.append(req)
+                    return
+                data = self._frame(req)
             if data is not None:
                 self._write(data)
-        return fut
 
     def _room(self) -> bool:
         """Whether another request may go out now (under the lock)."""
         return self.conn.unanswered < MAX_IN_FLIGHT and not self._backlog
 
-    def _frame(self, op: str, args: dict[str, Any], fut: Future[Any], dec: _Decode) -> bytes | None:
+    def _wire_args(self, req: _Req) -> dict[str, Any]:
+        """``req``'s arguments with our consumer ids as the server knows them now."""
+        args = req.args
+        if req.deadline is not None:
+            args = {**args, "timeout": max(0.0, req.deadline - time.monotonic())}
+        if req.op in _MEMBER_OPS:
+            return {**args, "m": self._members.get(args["m"], -1)}
+        if req.op == "commit":
+            acks = [[self._members.get(m, -1), e, r] for m, e, r in args["acks"]]
+            return {**args, "acks": acks}
+        return args
+
+    def _frame(self, req: _Req) -> bytes | None:
         """The request's bytes (under the lock); None if it can't be encoded."""
         rid = self.conn.next_request_id()
         try:
-            data = self.conn.send(Request(rid, op, args))
+            data = self.conn.send(Request(rid, req.op, self._wire_args(req)))
         except ProtocolError as exc:
-            fut.set_exception(UsageError(str(exc)))
+            req.fut.set_exception(UsageError(str(exc)))
             return None
-        self._waiting[rid] = (fut, dec)
+        self._waiting[rid] = req
         return data
 
     def _write(self, data: bytes) -> None:
         raise NotImplementedError
 
-    def _received(self, data: bytes) -> None:
-        """Bytes from the server (b"": it closed): complete the futures they answer."""
-        done: list[tuple[Future[Any], Any, BaseException | None]] = []
-        failure: BrokerUnreachable | None = None
+    def _received(self, data: bytes) -> str | None:
+        """Bytes from the server (b"": it closed): complete the futures they answer.
+        Returns why the connection is lost, if it is."""
+        done: list[tuple[_Req, Any, BaseException | None]] = []
+        lost: str | None = None
         with self._lock:
             try:
                 self.conn.receive_data(data)
@@ -169,63 +254,83 @@ class RemoteBackend(Backend):
                     if event is NEED_DATA:
                         break
                     if isinstance(event, Reply):
-                        fut, dec = self._waiting.pop(event.id)
-                        try:
-                            done.append((fut, dec(event.result), None))
-                        except Exception as exc:  # noqa: BLE001 - a malformed result
-                            done.append((fut, None, exc))
+                        done.append((self._waiting.pop(event.id), event.result, None))
                     elif isinstance(event, Error):
                         if event.id is None:
-                            failure = _unreachable(self.url, event.message)
-                            failure.__cause__ = decode_error(event)
+                            lost = event.message
                             break
-                        fut, _dec = self._waiting.pop(event.id)
-                        done.append((fut, None, decode_error(event)))
+                        done.append((self._waiting.pop(event.id), None, decode_error(event)))
                     elif isinstance(event, Goodbye):
-                        failure = _unreachable(self.url, event.reason or "the server closed")
+                        lost = event.reason or "the server closed the connection"
                         break
                     elif isinstance(event, Push):
                         pass  # no subscriptions in this protocol version
-                if failure is None and self.conn.peer_closed:
-                    failure = _unreachable(self.url, "the server closed the connection")
+                if lost is None and self.conn.peer_closed:
+                    lost = "the server closed the connection"
             except ProtocolError as exc:
-                failure = _unreachable(self.url, f"the server broke the protocol: {exc}")
-        for fut, value, error in done:
+                lost = f"the server broke the protocol: {exc}"
+        for req, result, error in done:  # decoders may take the lock: outside it
             if error is None:
-                fut.set_result(value)
+                try:
+                    value = req.decode(result)
+                except Exception as exc:  # noqa: BLE001 - a malformed result is its error
+                    req.fut.set_exception(exc)
+                else:
+                    req.fut.set_result(value)
             else:
-                fut.set_exception(error)
-        if failure is not None:
-            self._fail(failure)
-        elif self._backlog:
+                req.fut.set_exception(error)
+        if lost is None and self._backlog and self._connected:
             self._drain()
+        return lost
 
     def _drain(self) -> None:
-        """Send backlogged requests the in-flight limit has room for again."""
+        """Send backlogged requests while the in-flight limit has room."""
         out: list[bytes] = []
         with self._order:
             with self._lock:
-                while self._backlog and self.conn.unanswered < MAX_IN_FLIGHT:
-                    op, args, fut, dec = self._backlog.popleft()
-                    frame = self._frame(op, args, fut, dec)
+                while self._backlog and self._connected and self.conn.unanswered < MAX_IN_FLIGHT:
+                    frame = self._frame(self._backlog.popleft())
                     if frame is not None:
                         out.append(frame)
             if out:
                 self._write(b"".join(out))
 
+    def _lost(self, why: str) -> bool:
+        """The connection dropped: keep what may be repeated, fail the rest. Returns
+        whether to reconnect."""
+        failed: list[_Req] = []
+        with self._lock:
+            self._connected = False
+            self._generation += 1  # callbacks of the lost connection's rejoin do nothing
+            waiting = [self._waiting[rid] for rid in sorted(self._waiting)]
+            self._waiting = {}
+            self._members = {}  # the server let go of them with the connection
+            keep = [r for r in waiting if r.retry]
+            failed = [r for r in waiting if not r.retry]
+            self._backlog.extendleft(reversed(keep))
+            give_up = self._closed or self.reconnect <= 0 or self._failure is not None
+        error = _unreachable(
+            self.url, f"{why}; the outcome of this call is unknown (it was in flight)"
+        )
+        for r in failed:
+            r.fut.set_exception(ClosedError("the broker") if self._closed else error)
+        if give_up:
+            self._fail(ClosedError("the broker") if self._closed else _unreachable(self.url, why))
+            return False
+        return True
+
     def _fail(self, failure: ArrivalError) -> None:
-        """The connection is gone: every request in flight fails with ``failure``."""
+        """The connection is gone for good: every request waiting fails with ``failure``."""
         if self._closed:  # we closed it: whatever the socket saw, the broker is closed
             failure = ClosedError("the broker")
         with self._lock:
             if self._failure is None:
                 self._failure = failure
+            self._connected = False
             waiting, self._waiting = self._waiting, {}
             backlog, self._backlog = self._backlog, deque()
-        for fut, _ in waiting.values():
-            fut.set_exception(failure)
-        for _op, _args, fut, _dec in backlog:
-            fut.set_exception(failure)
+        for r in [*waiting.values(), *backlog]:
+            r.fut.set_exception(failure)
 
     def _welcome(self, event: Any) -> None:
         if type(event) is Error:
@@ -235,6 +340,51 @@ class RemoteBackend(Backend):
             raise BrokerUnreachable(f"{self.url} refused the connection: {event.message}")
         assert type(event) is Welcome
         self._epoch = event.broker_epoch
+
+    def _reconnected(self) -> None:
+        """A new connection is open (``self.conn``): join the consumers' groups again,
+        then send what waited."""
+        self.reconnects += 1
+        with self._lock:
+            joins = dict(self._joins)
+            generation = self._generation
+        remaining = [len(joins)]
+
+        def joined(local: int, req: _Req) -> None:
+            error = req.fut.exception()
+            with self._lock:
+                if generation != self._generation:
+                    return  # this connection was lost too: the next one joins again
+                if error is None and local in self._joins:
+                    self._members[local] = int(req.fut.result())
+                remaining[0] -= 1
+                ready = remaining[0] == 0
+                if ready:
+                    self._connected = True
+            if ready:
+                self._drain()
+
+        if not joins:
+            with self._lock:
+                if generation != self._generation:
+                    return
+                self._connected = True
+            self._drain()
+            return
+        for local, (q, g, latest) in joins.items():
+            req = _Req("join", {"q": q, "g": g, "latest": latest}, Future(), int)
+            req.retry = False  # lost with this connection: the next one joins again
+            req.fut.add_done_callback(functools.partial(joined, local, req))
+            self._submit(req, urgent=True)
+
+    def shared_producer(self) -> ProducerCore | None:
+        """The producer this client's anonymous producers send to durable queues with:
+        over the network every durable send carries a producer sequence, so that a send
+        repeated after a reconnect is stored once."""
+        with self._shared_lock:  # not self._lock: registering sends a request
+            if self._shared is None:
+                self._shared = ProducerCore(self, f"client.{uuid.uuid4().hex}")
+            return self._shared
 
     # -- Backend ------------------------------------------------------------------------
 
@@ -250,7 +400,12 @@ class RemoteBackend(Backend):
         return time.monotonic()
 
     def create_queue(self, spec: QueueSpec) -> Pending[QueueSpec]:
-        return self._call("create_queue", {"spec": to_plain(spec)}, _as(QueueSpec))
+        def remember(data: Any) -> QueueSpec:
+            created = from_plain(data, QueueSpec)
+            self._specs[created.name] = created
+            return created
+
+        return self._call("create_queue", {"spec": to_plain(spec)}, remember)
 
     def spec(self, queue: str) -> Pending[QueueSpec]:
         known = self._specs.get(queue)
@@ -296,10 +451,20 @@ class RemoteBackend(Backend):
     ) -> Pending[int | None]:
         args: dict[str, Any] = {"q": queue, "p": None if producer is None else list(producer)}
         if bodies is not None:
+            size = sum(map(len, bodies)) + 8 * len(bodies)
             args["bodies"] = list(bodies)
         else:
             assert messages is not None
+            size = sum(_send_size(m) for m in messages)
             args["msgs"] = [list(m) for m in messages]
+        # refused here, before it is numbered and sent, rather than by the protocol
+        # after it took a sequence number (which would leave a gap)
+        limit = self.conn.max_frame - _FRAME_SLACK
+        if size > limit:
+            raise UsageError(
+                f"a batch of about {size} bytes does not fit in one frame ({limit} bytes "
+                f"with the server's max_frame): send it in smaller batches"
+            )
         return self._call("send", args)
 
     def begin_transaction(self, tid: str) -> Pending[tuple[int, int]]:
@@ -326,16 +491,37 @@ class RemoteBackend(Backend):
             "sends": [[q, [list(r) for r in recs]] for q, recs in sends],
             "acks": [[m, e, [list(r) for r in receipts]] for m, e, receipts in acks],
             "keep": keep,
+            "cid": uuid.uuid4().hex,  # a retry after a reconnect is answered, not redone
         }
         return self._call("commit", args)
 
     def join(self, queue: str, group: str, latest: bool) -> Pending[int]:
-        return self._call("join", {"q": queue, "g": group, "latest": latest}, int)
+        with self._lock:
+            local = self._next_member
+            self._next_member += 1
+
+        def joined(server_id: Any) -> int:
+            with self._lock:
+                self._members[local] = int(server_id)
+                self._joins[local] = (queue, group, False)  # the group exists from now on
+            return local
+
+        return self._call("join", {"q": queue, "g": group, "latest": latest}, joined)
 
     def leave(self, member: int) -> Pending[None]:
-        if self.closed:
+        with self._lock:
+            self._joins.pop(member, None)
+            here = member in self._members
+        if self.closed or not here:
             return Ready(None)  # the server let go of it with the connection
-        return self._call("leave", {"m": member})
+        fut = self._call("leave", {"m": member})
+
+        def forget() -> None:
+            with self._lock:
+                self._members.pop(member, None)
+
+        fut.add_done_callback(forget)
+        return fut
 
     def member_stats(self, member: int) -> Pending[ConsumerStats]:
         return self._call("member_stats", {"m": member}, _as(ConsumerStats))
@@ -411,6 +597,24 @@ class RemoteBackend(Backend):
         return self._chosen("dlq_purge", queue, where, {}, int)
 
 
+_FRAME_SLACK = 4096  # a send request's own fields, beyond its messages
+
+
+def _text_size(text: str | None) -> int:
+    if text is None:
+        return 1
+    return len(text) + 5 if text.isascii() else 4 * len(text) + 5
+
+
+def _send_size(m: Send) -> int:
+    """At least the MessagePack size of one message in a send request."""
+    mid, key, headers, body = m
+    size = len(body) + 16 + _text_size(mid) + _text_size(key)
+    if headers:
+        size += sum(_text_size(k) + _text_size(v) for k, v in headers.items())
+    return size
+
+
 def _as(kind: Any) -> _Decode:
     return lambda data: from_plain(data, kind)
 
@@ -429,26 +633,23 @@ def _chain(inner: Future[Any], outer: Future[Any]) -> None:
 
 
 class SyncClient(RemoteBackend):
-    """A blocking connection: callers write, a reader thread completes their futures."""
+    """A blocking connection: callers write, a reader thread reads the replies (and
+    reconnects when the connection drops)."""
 
-    def __init__(self, url: str, sock: socket.socket) -> None:
-        super().__init__(url)
-        self._sock = sock
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: str | None,
+        reconnect: float,
+        tls: ssl.SSLContext | None,
+    ) -> None:
+        super().__init__(url, token, reconnect)
+        self._host, self._port, _ = parse_url(url)
+        self._tls = tls
+        self._sock: socket.socket | None = None
         self._reader: threading.Thread | None = None
         self._room_cv = threading.Condition(self._lock)
-
-    def _room(self) -> bool:
-        # a calling thread waits for room rather than queueing: the reader thread never
-        # writes, so it can't block on a server that waits for us to read
-        if threading.current_thread() is not self._reader:
-            while self.conn.unanswered >= MAX_IN_FLIGHT and self._failure is None:
-                self._room_cv.wait(1.0)
-        return True
-
-    def _received(self, data: bytes) -> None:
-        super()._received(data)
-        with self._lock:
-            self._room_cv.notify_all()
 
     @classmethod
     def open(
@@ -457,30 +658,46 @@ class SyncClient(RemoteBackend):
         *,
         token: str | None = None,
         tls_ca: str | os.PathLike[str] | None = None,
+        reconnect: float = DEFAULT_RECONNECT_S,
     ) -> SyncClient:
-        host, port, tls = parse_url(url)
-        try:
-            sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)
-            if tls:
-                sock = _tls_context(tls_ca).wrap_socket(sock, server_hostname=host)
-        except OSError as exc:
-            raise BrokerUnreachable(f"can't connect to {url}: {exc}") from exc
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        client = cls(url, sock)
-        try:
-            client._handshake(_token(token))
-        except BaseException:
-            sock.close()
-            raise
-        sock.settimeout(None)
+        _host, _port, tls = parse_url(url)
+        client = cls(
+            url,
+            token=_token(token),
+            reconnect=reconnect,
+            tls=_tls_context(tls_ca) if tls else None,
+        )
+        client._sock = client._connect()
+        client._connected = True
         client._reader = threading.Thread(
             target=client._read_loop, name=f"arrival-client {url}", daemon=True
         )
         client._reader.start()
         return client
 
-    def _handshake(self, token: str | None) -> None:
-        self._sock.sendall(self.conn.send(Hello(client=_CLIENT_NAME, token=token)))
+    def _connect(self) -> socket.socket:
+        """A new socket, handshaken on a new Connection (``self.conn``)."""
+        try:
+            sock = socket.create_connection((self._host, self._port), timeout=CONNECT_TIMEOUT_S)
+        except OSError as exc:
+            raise BrokerUnreachable(f"can't connect to {self.url}: {exc}") from exc
+        try:
+            if self._tls is not None:
+                sock = self._tls.wrap_socket(sock, server_hostname=self._host)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self._lock:
+                self.conn = Connection(CLIENT)
+            self._handshake(sock)
+        except BaseException as exc:
+            sock.close()
+            if isinstance(exc, OSError):  # e.g. a TLS certificate that does not verify
+                raise BrokerUnreachable(f"can't connect to {self.url}: {exc}") from exc
+            raise
+        sock.settimeout(None)
+        return sock
+
+    def _handshake(self, sock: socket.socket) -> None:
+        sock.sendall(self.conn.send(Hello(client=_CLIENT_NAME, token=self.token)))
         while True:
             try:
                 event = self.conn.next_event()
@@ -490,7 +707,7 @@ class SyncClient(RemoteBackend):
                 self._welcome(event)
                 return
             try:
-                data = self._sock.recv(_READ_SIZE)
+                data = sock.recv(_READ_SIZE)
             except OSError as exc:
                 raise BrokerUnreachable(f"{self.url} did not answer: {exc}") from exc
             try:
@@ -500,24 +717,72 @@ class SyncClient(RemoteBackend):
             if not data and self.conn.next_event() is NEED_DATA:
                 raise BrokerUnreachable(f"{self.url} closed the connection during the handshake")
 
+    def _room(self) -> bool:
+        # a calling thread waits for room rather than queueing: the reader thread never
+        # waits, so it can't block on a server that waits for us to read
+        if threading.current_thread() is not self._reader:
+            while self.conn.unanswered >= MAX_IN_FLIGHT and self._connected and not self._closed:
+                self._room_cv.wait(1.0)
+        return self.conn.unanswered < MAX_IN_FLIGHT
+
     def _write(self, data: bytes) -> None:
+        sock = self._sock
+        if sock is None:
+            return
         try:
-            self._sock.sendall(data)
-        except OSError as exc:
-            self._fail(_unreachable(self.url, str(exc)))
+            sock.sendall(data)
+        except OSError:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # the reader sees it and reconnects
 
     def _read_loop(self) -> None:
         while True:
+            sock = self._sock
+            assert sock is not None
+            lost: str | None = None
+            while lost is None:
+                try:
+                    data = sock.recv(_READ_SIZE)
+                except OSError as exc:
+                    data, lost = b"", str(exc)
+                why = self._received(data)
+                with self._lock:
+                    self._room_cv.notify_all()
+                lost = lost or why
+            with contextlib.suppress(OSError):
+                sock.close()
+            if not self._lost(lost) or not self._reconnect_loop():
+                with self._lock:
+                    self._room_cv.notify_all()
+                return
+
+    def _reconnect_loop(self) -> bool:
+        deadline = time.monotonic() + self.reconnect
+        delay = 0.02
+        while not self._closed:
             try:
-                data = self._sock.recv(_READ_SIZE)
-            except OSError as exc:
-                self._fail(_unreachable(self.url, str(exc)))
-                return
-            self._received(data)
-            if not data or self._failure is not None:
-                if self._failure is None:
-                    self._fail(_unreachable(self.url, "the server closed the connection"))
-                return
+                sock = self._connect()
+            except AuthenticationFailed as exc:
+                self._fail(exc)
+                return False
+            except BrokerUnreachable as exc:
+                if time.monotonic() + delay > deadline:
+                    self._fail(
+                        BrokerUnreachable(
+                            f"gave up reconnecting to {self.url} after {self.reconnect:g} s: {exc}"
+                        )
+                    )
+                    return False
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            if self._closed:
+                sock.close()
+                return False
+            self._sock = sock
+            self._reconnected()
+            return True
+        return False
 
     def is_leased(self, member: int, epoch: int, off: int, attempt: int, deadline: float) -> bool:
         if self.closed:
@@ -530,17 +795,20 @@ class SyncClient(RemoteBackend):
 
     def close(self) -> Pending[None]:
         if not self._closed:
-            with self._lock:
+            with self._order, self._lock:
                 self._closed = True
                 try:
                     bye = self.conn.send(Goodbye("the client closed"))
                 except ProtocolError:
                     bye = b""
-            if bye and self._failure is None:
-                self._write(bye)
-            with contextlib.suppress(OSError):
-                self._sock.shutdown(socket.SHUT_RDWR)
-            self._sock.close()
+            sock = self._sock
+            if sock is not None:
+                if bye and self._connected:
+                    with contextlib.suppress(OSError):
+                        sock.sendall(bye)
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
             if self._reader is not None and self._reader is not threading.current_thread():
                 self._reader.join(5.0)
             self._fail(ClosedError("the broker"))
@@ -557,9 +825,13 @@ class _Protocol(asyncio.Protocol):
         self.client = client
         self.transport: asyncio.Transport | None = None
         self.welcome: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.lost = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        c = self.client
+        # at once: a server that refuses us (too many connections) answers the preface
+        self.transport.write(c.conn.send(Hello(client=_CLIENT_NAME, token=c.token)))
 
     def data_received(self, data: bytes) -> None:
         c = self.client
@@ -574,30 +846,41 @@ class _Protocol(asyncio.Protocol):
                 return
             if event is not NEED_DATA:
                 self.welcome.set_result(event)
-                rest = bytes(c.conn._buf)  # frames that came with the Welcome
-                if rest:
-                    c.conn._buf.clear()
-                    c._received(rest)
-            return
-        c._received(data)
+                data = bytes(c.conn._buf)  # frames that came with the Welcome
+                c.conn._buf.clear()
+                if not data:
+                    return
+            else:
+                return
+        why = c._received(data)
+        if why is not None and self.transport is not None:
+            self.transport.close()  # connection_lost follows, and reconnects
 
     def connection_lost(self, exc: Exception | None) -> None:
         c = self.client
         why = str(exc) if exc else "the server closed the connection"
         if not self.welcome.done():
             self.welcome.set_exception(BrokerUnreachable(f"{c.url}: {why}"))
-        c._fail(_unreachable(c.url, why))
+            return
+        if not self.lost:
+            self.lost = True
+            c._connection_lost(self, why)
 
 
 class AsyncClient(RemoteBackend):
-    """An asyncio connection on the caller's loop."""
+    """An asyncio connection on the caller's loop; reconnects from a task on it."""
 
-    def __init__(self, url: str) -> None:
-        super().__init__(url)
+    def __init__(
+        self, url: str, *, token: str | None, reconnect: float, tls: ssl.SSLContext | None
+    ) -> None:
+        super().__init__(url, token, reconnect)
+        self._host, self._port, _ = parse_url(url)
+        self._tls = tls
         self._proto: _Protocol | None = None
         self._out: list[bytes] = []
         self._loop = asyncio.get_running_loop()
         self._thread = threading.get_ident()
+        self._task: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(
@@ -606,36 +889,79 @@ class AsyncClient(RemoteBackend):
         *,
         token: str | None = None,
         tls_ca: str | os.PathLike[str] | None = None,
+        reconnect: float = DEFAULT_RECONNECT_S,
     ) -> AsyncClient:
-        host, port, tls = parse_url(url)
-        client = cls(url)
-        proto = _Protocol(client)
+        _host, _port, tls = parse_url(url)
+        client = cls(
+            url, token=_token(token), reconnect=reconnect, tls=_tls_context(tls_ca) if tls else None
+        )
+        client._proto = await client._connect()
+        client._connected = True
+        return client
+
+    async def _connect(self) -> _Protocol:
+        with self._lock:
+            self.conn = Connection(CLIENT)
+        proto = _Protocol(self)
         try:
             await asyncio.wait_for(
-                client._loop.create_connection(
+                self._loop.create_connection(
                     lambda: proto,
-                    host,
-                    port,
-                    ssl=_tls_context(tls_ca) if tls else None,
-                    server_hostname=host if tls else None,
+                    self._host,
+                    self._port,
+                    ssl=self._tls,
+                    server_hostname=self._host if self._tls is not None else None,
                 ),
                 CONNECT_TIMEOUT_S,
             )
         except (OSError, TimeoutError) as exc:
-            raise BrokerUnreachable(f"can't connect to {url}: {exc}") from exc
-        client._proto = proto
+            raise BrokerUnreachable(f"can't connect to {self.url}: {exc}") from exc
         assert proto.transport is not None
         sock = proto.transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        proto.transport.write(client.conn.send(Hello(client=_CLIENT_NAME, token=_token(token))))
         try:
             event = await asyncio.wait_for(proto.welcome, CONNECT_TIMEOUT_S)
-            client._welcome(event)
+            self._welcome(event)
         except BaseException:
             proto.transport.close()
             raise
-        return client
+        return proto
+
+    def _connection_lost(self, proto: _Protocol, why: str) -> None:
+        if proto is not self._proto:
+            return
+        self._out = []
+        if self._lost(why) and not self._closed:
+            self._task = self._loop.create_task(self._reconnect_loop())
+
+    async def _reconnect_loop(self) -> None:
+        deadline = time.monotonic() + self.reconnect
+        delay = 0.02
+        while not self._closed:
+            try:
+                proto = await self._connect()
+            except AuthenticationFailed as exc:
+                self._fail(exc)
+                return
+            except BrokerUnreachable as exc:
+                if time.monotonic() + delay > deadline:
+                    self._fail(
+                        BrokerUnreachable(
+                            f"gave up reconnecting to {self.url} after {self.reconnect:g} s: {exc}"
+                        )
+                    )
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            if self._closed:
+                if proto.transport is not None:
+                    proto.transport.close()
+                return
+            self._proto = proto
+            self._reconnected()
+            return
 
     def _write(self, data: bytes) -> None:
         """Queue ``data``; everything queued in this turn of the loop goes in one write."""
@@ -666,10 +992,12 @@ class AsyncClient(RemoteBackend):
                     bye = self.conn.send(Goodbye("the client closed"))
                 except ProtocolError:
                     bye = b""
+            if self._task is not None:
+                self._task.cancel()
             proto = self._proto
             if proto is not None and proto.transport is not None:
                 self._flush()
-                if bye and not proto.transport.is_closing():
+                if bye and self._connected and not proto.transport.is_closing():
                     proto.transport.write(bye)
                 proto.transport.close()
             self._fail(ClosedError("the broker"))

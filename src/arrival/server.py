@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import ssl
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -62,7 +63,9 @@ log = logging.getLogger("arrival.server")
 DEFAULT_LISTEN = "127.0.0.1:7711"
 DEFAULT_MAX_CONNECTIONS = 1024
 MAX_REQUESTS_PER_CONNECTION = 256  # running at once; reading pauses beyond it
+MAX_REMEMBERED_COMMITS = 100_000  # answers kept for commits retried after a reconnect
 MAX_OPEN_TRANSACTIONS = 10_000  # begin times a connection keeps for its transactions
+MAX_RECEIVES_PER_CONNECTION = 1024  # long polls waiting at once (the protocol's in-flight)
 MAX_RECEIVE = 10_000  # messages one receive may take: a consumer's in-flight bound
 _WRITE_HIGH = 4 << 20  # bytes buffered for a slow reader before its reading pauses
 
@@ -91,6 +94,14 @@ class Server:
         self.sessions: set[_Session] = set()
         self._server: asyncio.Server | None = None
         self.address: tuple[str, int] = ("", 0)
+        # recent commits by the client's commit id: a commit whose reply was lost with its
+        # connection is asked again after the reconnect, and gets this outcome
+        self.commits: OrderedDict[str, Pending[Any]] = OrderedDict()
+
+    def remember_commit(self, cid: str, pending: Pending[Any]) -> None:
+        self.commits[cid] = pending
+        while len(self.commits) > MAX_REMEMBERED_COMMITS:
+            self.commits.popitem(last=False)
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
@@ -135,6 +146,7 @@ class _Session(asyncio.Protocol):
         self.begun: dict[tuple[str, tuple[int, int]], float] = {}  # (tid, epoch) -> when
         self.running = 0  # requests started, not yet answered
         self.tasks: set[asyncio.Task[None]] = set()
+        self.receives: set[asyncio.Task[None]] = set()  # long polls waiting
         self.peer = "?"
         self.closed = False
         self._reading_paused = False
@@ -162,7 +174,7 @@ class _Session(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.server.sessions.discard(self)
-        for task in self.tasks:
+        for task in [*self.tasks, *self.receives]:
             task.cancel()
         for m in self.members:
             with contextlib.suppress(ArrivalError):
@@ -183,13 +195,21 @@ class _Session(asyncio.Protocol):
             return
         try:
             self.conn.receive_data(data)
-            while True:
+        except ProtocolError as exc:  # pragma: no cover - only after b"" was fed
+            log.warning("protocol error from %s: %s", self.peer, exc)
+            self._close()
+            return
+        self._pump()
+
+    def _pump(self) -> None:
+        """Handle the complete events read so far, until reading is paused: what was
+        read but not handled waits in the protocol's buffer."""
+        try:
+            while not self._reading_paused and not self.closed:
                 event = self.conn.next_event()
                 if event is NEED_DATA:
                     break
                 self._handle(event)
-                if self.closed:
-                    return
         except RemoteProtocolError as exc:
             log.warning("protocol error from %s: %s", self.peer, exc)
             self._write_error(error_for(exc))
@@ -231,12 +251,28 @@ class _Session(asyncio.Protocol):
         except ArrivalError as exc:
             self._reply_error(req.id, exc)
             return
-        except (KeyError, TypeError, ValueError, msgspec.ValidationError) as exc:
+        except (
+            KeyError,
+            IndexError,
+            TypeError,
+            ValueError,
+            AttributeError,
+            msgspec.ValidationError,
+        ) as exc:
             self._reply_error(req.id, UsageError(f"malformed {req.op!r} request: {exc!r}"))
+            return
+        if isinstance(pending, _Receive):
+            # a long poll waits for messages, not for the server: it does not hold back
+            # the connection's other requests; reading pauses only at the protocol's
+            # in-flight limit of them
+            task = self.loop.create_task(self._await(req.id, pending, encode, counted=False))
+            self.receives.add(task)
+            task.add_done_callback(self._receive_done)
+            self._flow()
             return
         self.running += 1
         self._flow()
-        if isinstance(pending, (Deferred, _Receive)):
+        if isinstance(pending, Deferred):
             task = self.loop.create_task(self._await(req.id, pending, encode))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
@@ -251,16 +287,20 @@ class _Session(asyncio.Protocol):
 
             pending.add_done_callback(done)
 
-    async def _await(self, rid: int, pending: Pending[Any], encode: _Encode) -> None:
+    async def _await(
+        self, rid: int, pending: Pending[Any], encode: _Encode, *, counted: bool = True
+    ) -> None:
         try:
             value = await pending
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # noqa: BLE001 - the request's error is its answer
-            self._answered()
+            if counted:
+                self._answered()
             self._reply_error(rid, exc)
             return
-        self._answered()
+        if counted:
+            self._answered()
         self._reply(rid, encode(value))
 
     def _finish(self, rid: int, pending: Pending[Any], encode: _Encode) -> None:
@@ -272,6 +312,10 @@ class _Session(asyncio.Protocol):
             return
         self._reply(rid, encode(value))
 
+    def _receive_done(self, task: asyncio.Task[None]) -> None:
+        self.receives.discard(task)
+        self._flow()
+
     def _answered(self) -> None:
         self.running -= 1
         self._flow()
@@ -280,13 +324,18 @@ class _Session(asyncio.Protocol):
         """Stop reading while too much is running or the client reads too slowly."""
         if self.transport is None or self.closed:
             return
-        pause = self.running >= MAX_REQUESTS_PER_CONNECTION or self._writing_paused
+        pause = (
+            self.running >= MAX_REQUESTS_PER_CONNECTION
+            or len(self.receives) >= MAX_RECEIVES_PER_CONNECTION
+            or self._writing_paused
+        )
         if pause and not self._reading_paused:
             self.transport.pause_reading()
             self._reading_paused = True
         elif not pause and self._reading_paused:
             self.transport.resume_reading()
             self._reading_paused = False
+            self.loop.call_soon(self._pump)  # what was read while paused
 
     # -- writing ----------------------------------------------------------------------
 
@@ -345,6 +394,15 @@ class _Session(asyncio.Protocol):
 # =====================================================================================
 
 _Op = Callable[[_Session, dict[str, Any]], tuple[Pending[Any], _Encode]]
+
+
+def _text(a: dict[str, Any], name: str) -> str:
+    value = a[name]
+    if not isinstance(value, str):
+        raise UsageError(f"argument {name!r} must be a string, not {type(value).__name__}")
+    return value
+
+
 _OPS: dict[str, _Op] = {}
 
 
@@ -363,12 +421,12 @@ def _create_queue(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode
 
 @_op("spec")
 def _spec(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode]:
-    return s.backend.spec(a["q"]), to_plain
+    return s.backend.spec(_text(a, "q")), to_plain
 
 
 @_op("describe")
 def _describe(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode]:
-    return s.backend.describe(a["q"]), to_plain
+    return s.backend.describe(_text(a, "q")), to_plain
 
 
 @_op("queues")
@@ -378,7 +436,7 @@ def _queues(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode]:
 
 @_op("peek")
 def _peek(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode]:
-    return s.backend.peek(a["q"], int(a["limit"]), a.get("start")), to_plain
+    return s.backend.peek(_text(a, "q"), int(a["limit"]), a.get("start")), to_plain
 
 
 @_op("info")
@@ -388,7 +446,7 @@ def _info(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode]:
 
 @_op("stats")
 def _stats(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode]:
-    return s.backend.stats(a["q"]), to_plain
+    return s.backend.stats(_text(a, "q")), to_plain
 
 
 @_op("member_stats")
@@ -407,9 +465,9 @@ def _send(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode]:
     producer = None if p is None else (str(p[0]), int(p[1]), int(p[2]))
     bodies = a.get("bodies")
     if bodies is not None:
-        return s.backend.send(a["q"], None, [bytes(b) for b in bodies], producer), _same
+        return s.backend.send(_text(a, "q"), None, [bytes(b) for b in bodies], producer), _same
     msgs = [(m[0], m[1], dict(m[2]) if m[2] else None, bytes(m[3])) for m in a["msgs"]]
-    return s.backend.send(a["q"], msgs, None, producer), _same
+    return s.backend.send(_text(a, "q"), msgs, None, producer), _same
 
 
 @_op("begin")
@@ -448,15 +506,22 @@ def _commit(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode]:
         (s.settling(m), int(ep), [(int(o), int(at)) for o, at in receipts])
         for m, ep, receipts in a["acks"]
     ]
+    cid = a.get("cid")
+    if cid is not None:
+        earlier = s.server.commits.get(cid)
+        if earlier is not None:  # a retry after a reconnect: the first attempt's outcome
+            return earlier, _same
     pending = b.commit_transaction(
         tid, epoch, started, float(a["timeout"]), sends, acks, bool(a["keep"])
     )
+    if cid is not None:
+        s.server.remember_commit(str(cid), pending)
     return pending, _same
 
 
 @_op("join")
 def _join(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode]:
-    p = s.backend.join(a["q"], a["g"], bool(a["latest"]))
+    p = s.backend.join(_text(a, "q"), _text(a, "g"), bool(a["latest"]))
     member = p.wait()
     s.members.add(member)
     return p, _same
@@ -540,18 +605,20 @@ def _offsets(a: dict[str, Any]) -> Callable[[DeadMessage], bool] | None:
 
 @_op("dlq_list")
 def _dlq_list(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode]:
-    return s.backend.dead_letters(a["q"], a.get("limit")), to_plain
+    return s.backend.dead_letters(_text(a, "q"), a.get("limit")), to_plain
 
 
 @_op("dlq_replay")
 def _dlq_replay(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode]:
     b = s.backend
-    return b.replay_dead_letters(a["q"], _offsets(a), a.get("limit"), bool(a["dry"])), to_plain
+    return b.replay_dead_letters(
+        _text(a, "q"), _offsets(a), a.get("limit"), bool(a["dry"])
+    ), to_plain
 
 
 @_op("dlq_purge")
 def _dlq_purge(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode]:
-    return s.backend.purge_dead_letters(a["q"], _offsets(a)), _same
+    return s.backend.purge_dead_letters(_text(a, "q"), _offsets(a)), _same
 
 
 # =====================================================================================
