@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import arrival
+import arrival.aio
 from arrival.engine import Engine
 from arrival.storage.base import Storage
 from arrival.storage.memory import MemoryStorage
@@ -31,7 +32,7 @@ def clock() -> FakeClock:
 SERVERS: dict[int, InProcessServer] = {}  # by id(client broker), while it is open
 
 
-def engine_of(broker: arrival.Broker) -> Engine:
+def engine_of(broker: arrival.Broker | arrival.aio.Broker) -> Engine:
     """The engine behind ``broker``: its own, or its in-process server's (to inspect
     storage, the clock, or to crash it)."""
     server = SERVERS.get(id(broker))
@@ -48,6 +49,7 @@ class Stores:
         self._memory = MemoryStorage()
         self.open_brokers: list[arrival.Broker] = []
         self.servers: dict[int, InProcessServer] = {}  # by id(broker), for "server"
+        self.async_servers: list[InProcessServer] = []
 
     def storage(self) -> Storage:
         self._reap()
@@ -59,6 +61,8 @@ class Stores:
             server = self.servers.get(id(b))
             if server is not None and b.closed:
                 server.stop()
+        for server in self.async_servers:  # the store is opened again: its broker closed
+            server.stop()
 
     def open(self, seed: int = 0) -> arrival.Broker:
         if self.kind == "server":
@@ -69,6 +73,16 @@ class Stores:
             b = arrival.connect(self.storage(), clock=self.clock, rng=random.Random(seed))
         self.open_brokers.append(b)
         return b
+
+    async def aopen(self, seed: int = 0) -> arrival.aio.Broker:
+        """``open`` for the asyncio API: the same store, in process or behind a server."""
+        if self.kind == "server":
+            server = InProcessServer(self.storage(), self.clock, random.Random(seed))
+            self.async_servers.append(server)
+            b = await arrival.aio.connect(server.url)
+            SERVERS[id(b)] = server
+            return b
+        return await arrival.aio.connect(self.storage(), clock=self.clock, rng=random.Random(seed))
 
     def crash(self, broker: arrival.Broker) -> None:
         """Stop ``broker`` as SIGKILL would: nothing pending is committed."""
@@ -85,6 +99,8 @@ class Stores:
         for key, server in self.servers.items():
             server.stop()
             SERVERS.pop(key, None)
+        for server in self.async_servers:
+            server.stop()
 
 
 @pytest.fixture(params=STORES)

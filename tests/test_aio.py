@@ -11,6 +11,7 @@ import pytest
 
 import arrival
 import arrival.aio
+from arrival.engine import Engine
 from arrival.errors import ClosedError, LeaseExpired, NotSupported, UnknownQueue
 from arrival.testing import FakeClock
 from conftest import Stores, engine_of
@@ -28,7 +29,7 @@ def with_broker(
     """Open an async broker on the test's store, run ``body`` with it, close it."""
 
     async def main() -> T:
-        broker = await arrival.aio.connect(stores.storage(), clock=clock)
+        broker = await stores.aopen()
         try:
             return await body(broker)
         finally:
@@ -73,14 +74,21 @@ def test_roundtrip(stores: Stores, clock: FakeClock) -> None:
 
 def test_send_awaits_durability(stores: Stores, clock: FakeClock) -> None:
     async def produce() -> arrival.aio.Broker:
-        b = await arrival.aio.connect(stores.storage(), clock=clock)
+        b = await stores.aopen()
         await b.create_queue("q", "at-least-once")
         offsets = [await b.producer().send("q", b"%d" % i) for i in range(5)]
         assert offsets == [0, 1, 2, 3, 4]
+        if stores.kind == "server":
+            engine = engine_of(b)
+            await b.close()  # the client goes; the server below is killed
+            engines.append(engine)
+        else:
+            engines.append(engine_of(b))
         return b
 
-    b1 = run(produce())
-    b1.engine.abandon()  # SIGKILL right after the sends returned
+    engines: list[Engine] = []
+    run(produce())
+    engines[0].abandon()  # SIGKILL right after the sends returned
     b2 = stores.open()
     c = b2.consumer("q", "g")
     assert [m.body for m in c.receive_batch(10, timeout=0)] == [b"%d" % i for i in range(5)]
@@ -88,7 +96,7 @@ def test_send_awaits_durability(stores: Stores, clock: FakeClock) -> None:
 
 def test_async_context_managers(stores: Stores, clock: FakeClock) -> None:
     async def main() -> None:
-        async with await arrival.aio.connect(stores.storage(), clock=clock) as b:
+        async with await stores.aopen() as b:
             await b.create_queue("q", "at-least-once")
             async with b.producer() as p:
                 await p.send("q", b"x")
@@ -104,7 +112,7 @@ def test_async_context_managers(stores: Stores, clock: FakeClock) -> None:
             again = await b.consumer("q", "g").receive(timeout=0)
             assert again is not None
             assert again.attempt == 2
-        assert engine_of(b).closed
+        assert b.closed
 
     run(main())
 
@@ -126,8 +134,8 @@ def test_unknown_queue(stores: Stores, clock: FakeClock) -> None:
     async def body(b: arrival.aio.Broker) -> None:
         with pytest.raises(UnknownQueue, match="create_queue"):
             await b.producer().send("nope", b"x")
-        with pytest.raises(UnknownQueue):
-            b.consumer("nope", "g")
+        with pytest.raises(UnknownQueue):  # at once in process; at the first receive remote
+            await b.consumer("nope", "g").receive(timeout=0)
         await b.create_queue("q", "at-least-once")
         with pytest.raises(TypeError, match="encode"):
             await b.producer().send("q", "text")  # type: ignore[arg-type]
@@ -161,7 +169,11 @@ def test_nack_reject_and_lease_expiry(stores: Stores, clock: FakeClock) -> None:
         late = await c.receive(timeout=0)
         assert late is not None
         clock.advance(11.0)
-        assert late.lease_lost
+        if not b.url.startswith("arrival://"):
+            # over the network the async lease_lost is judged by the client's clock (it
+            # can't ask without awaiting), which the fake clock behind the server doesn't
+            # move; the ack below is what the server decides
+            assert late.lease_lost
         with pytest.raises(LeaseExpired):
             await late.ack()
 

@@ -633,7 +633,7 @@ def with_broker(
     feed_n: int = 0,
 ) -> T:
     async def main() -> T:
-        b = await arrival.aio.connect(stores.storage(), clock=clock)
+        b = await stores.aopen()
         try:
             await b.create_queue(
                 "in",

@@ -1004,7 +1004,7 @@ def with_broker(
     stores: Stores, clock: FakeClock, body: Callable[[arrival.aio.Broker], Awaitable[T]]
 ) -> T:
     async def main() -> T:
-        broker = await arrival.aio.connect(stores.storage(), clock=clock)
+        broker = await stores.aopen()
         try:
             await broker.create_queue(
                 "in", "exactly-once", ack_timeout=ACK_TIMEOUT_S, backoff=NO_BACKOFF

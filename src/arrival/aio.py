@@ -215,6 +215,7 @@ class Broker:
 
     async def close(self) -> None:
         await self._b.close()
+        await asyncio.sleep(0)  # a network client's transport closes its socket
 
 
 class Producer:

@@ -187,6 +187,7 @@ class RemoteBackend(Backend):
         self._shared_lock = threading.Lock()
         self.reconnects = 0
         self._generation = 0  # grows when a connection is lost
+        self._server_clock = 0.0  # the server's clock minus ours, at the last receive
 
     # -- moving requests ----------------------------------------------------------------
 
@@ -527,9 +528,12 @@ class RemoteBackend(Backend):
         return self._call("member_stats", {"m": member}, _as(ConsumerStats))
 
     def receive(self, member: int, limit: int, timeout: float | None) -> Pending[list[Delivery]]:
-        return self._call(
-            "receive", {"m": member, "n": limit, "timeout": timeout}, decode_deliveries
-        )
+        def decode(result: Any) -> list[Delivery]:
+            server_now, deliveries = result
+            self._server_clock = float(server_now) - time.monotonic()
+            return decode_deliveries(deliveries)
+
+        return self._call("receive", {"m": member, "n": limit, "timeout": timeout}, decode)
 
     def ack(self, member: int, epoch: int, receipts: Sequence[tuple[int, int]]) -> Pending[None]:
         return self._call("ack", {"m": member, "e": epoch, "r": [list(r) for r in receipts]})
@@ -925,6 +929,7 @@ class AsyncClient(RemoteBackend):
             self._welcome(event)
         except BaseException:
             proto.transport.close()
+            await asyncio.sleep(0)  # let the transport close its socket before we go
             raise
         return proto
 
@@ -979,10 +984,11 @@ class AsyncClient(RemoteBackend):
             proto.transport.write(b"".join(out))
 
     def is_leased(self, member: int, epoch: int, off: int, attempt: int, deadline: float) -> bool:
-        # answered here without a round trip: the lease's deadline on the server's clock
-        # (the same wall clock on one machine); a release or an expiry the server did
-        # early shows at the next settle, as LeaseExpired
-        return not self.closed and (deadline <= 0 or time.time() < deadline)
+        # answered here without a round trip: the lease's deadline against the server's
+        # clock as of the last receive; a release, or an expiry the server saw first,
+        # shows at the next settle as LeaseExpired
+        now = time.monotonic() + self._server_clock
+        return not self.closed and (deadline <= 0 or now < deadline)
 
     def close(self) -> Pending[None]:
         if not self._closed:

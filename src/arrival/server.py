@@ -541,9 +541,12 @@ def _leave(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode]:
 def _receive(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode]:
     limit = max(1, min(int(a["n"]), MAX_RECEIVE))
     t = a.get("timeout")
-    return s.backend.receive(s.member(a["m"]), limit, None if t is None else float(t)), (
-        encode_deliveries
-    )
+    backend = s.backend
+
+    def encode(got: list[Any]) -> list[Any]:  # with our clock: the client times leases by it
+        return [backend.now(), encode_deliveries(got)]
+
+    return backend.receive(s.member(a["m"]), limit, None if t is None else float(t)), encode
 
 
 @_op("ack")
