@@ -79,6 +79,26 @@ def test_bench_table_labels_exactly_once_runs() -> None:
     assert "txn/s" in out
 
 
+def test_bench_against_a_server_it_starts() -> None:
+    """--server: a real `arrival serve` process, producers as separate processes."""
+    out = run(
+        "bench", "--server", "-g", "at-least-once", "-g", "exactly-once", "--count", "2000",
+        "--batch", "250", "--producers", "2", "--runs", "1", "--json",
+    )  # fmt: skip
+    report = json.loads(out)
+    assert report["environment"]["backend"] == "server"
+    alo = report["results"]["at-least-once"]
+    assert (alo["delivered"], alo["producers"]) == (2000, 2)
+    assert alo["fsyncs"] >= 1
+    assert report["results"]["exactly-once"]["delivered"] == 2000
+
+
+def test_bench_refuses_server_and_url_together(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["bench", "--server", "--url", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "not both" in result.output
+
+
 def test_bench_table(tmp_path: Path) -> None:
     out = run("bench", "-g", "at-least-once", "--count", "1000", "--runs", "2")
     assert "at-least-once" in out

@@ -2,6 +2,8 @@
 
 A run sends ``count`` messages of ``size`` bytes from producer threads (``send_batch``
 of ``batch`` messages each) while one consumer thread receives batches and acks them.
+Against a server (``url`` is ``arrival://...``) the producers are separate processes,
+one connection each, and this process consumes.
 Throughput is messages produced, delivered and acked per second, first send to last
 ack. Latency is per message, from the broker accepting it to the ack returning.
 
@@ -15,10 +17,15 @@ input to the commit of its output returning.
 
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.process
 import os
 import platform
 import shutil
+import signal
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -99,21 +106,52 @@ def run_bench(
             shutil.rmtree(own_dir, ignore_errors=True)
 
 
+def _produce(broker: arrival.Broker, queue: str, body: bytes, n: int, batch: int) -> None:
+    p = broker.producer()
+    left = n
+    while left > 0:
+        k = min(batch, left)
+        p.send_batch(queue, [body] * k)
+        left -= k
+
+
+def _produce_remote(url: str, queue: str, body: bytes, n: int, batch: int) -> None:
+    """A producer process's whole life: connect, send ``n`` messages, close."""
+    with arrival.connect(url) as broker:
+        _produce(broker, queue, body, n, batch)
+
+
 def _producers(
     broker: arrival.Broker, queue: str, body: bytes, count: int, producers: int, batch: int
-) -> list[threading.Thread]:
-    """Threads (not started) that send ``count`` copies of ``body`` in batches, together."""
-
-    def produce(n: int) -> None:
-        p = broker.producer()
-        left = n
-        while left > 0:
-            k = min(batch, left)
-            p.send_batch(queue, [body] * k)
-            left -= k
-
+) -> list[threading.Thread] | list[multiprocessing.process.BaseProcess]:
+    """Producers (not started) that send ``count`` copies of ``body`` in batches, together:
+    threads on the embedded engine, processes (one connection each) against a server."""
     shares = [count // producers + (i < count % producers) for i in range(producers)]
-    return [threading.Thread(target=produce, args=(n,), name="bench-producer") for n in shares]
+    if broker.url.startswith(("arrival://", "arrivals://")):
+        ctx = multiprocessing.get_context("spawn")
+        procs: list[multiprocessing.process.BaseProcess] = [
+            ctx.Process(
+                target=_produce_remote,
+                args=(broker.url, queue, body, n, batch),
+                name="bench-producer",
+            )
+            for n in shares
+        ]
+        return procs
+    return [
+        threading.Thread(
+            target=_produce, args=(broker, queue, body, n, batch), name="bench-producer"
+        )
+        for n in shares
+    ]
+
+
+def _join_producers(ps: list[threading.Thread] | list[multiprocessing.process.BaseProcess]) -> None:
+    for t in ps:
+        t.join()
+        code = getattr(t, "exitcode", 0)
+        if code:
+            raise RuntimeError(f"a bench producer process failed (exit code {code})")
 
 
 def _run(
@@ -161,8 +199,7 @@ def _run(
         c.start()
         for t in ps:
             t.start()
-        for t in ps:
-            t.join()
+        _join_producers(ps)
         produced_all.set()
         c.join()
         seconds = time.perf_counter() - start
@@ -241,7 +278,8 @@ def _run_ctp(
         start = time.perf_counter()
         for t in (*cs, *ps):
             t.start()
-        for t in (*ps, *cs):
+        _join_producers(ps)
+        for t in cs:
             t.join()
         seconds = time.perf_counter() - start
         if consumed.error is not None:
@@ -285,12 +323,44 @@ def summarize(runs: list[BenchResult]) -> dict[str, object]:
     }
 
 
-def environment() -> dict[str, object]:
+def environment(url: str | None = None) -> dict[str, object]:
+    remote = url is not None and url.startswith(("arrival://", "arrivals://"))
     return {
         "python": platform.python_version(),
         "implementation": platform.python_implementation(),
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
         "arrival": arrival.__version__,
-        "backend": "embedded",
+        "backend": "server" if remote else "embedded",
     }
+
+
+def start_server() -> tuple[str, Callable[[], None]]:
+    """``arrival serve`` on a fresh temp dir and a free loopback port, as a separate
+    process; returns its URL and the function that stops it (SIGTERM) and cleans up."""
+    data = tempfile.mkdtemp(prefix="arrival-bench-server-")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "arrival", "serve", "--data", data, "--listen", "127.0.0.1:0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()  # "listening on HOST:PORT" once it serves
+
+    def stop() -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+        shutil.rmtree(data, ignore_errors=True)
+
+    if not line.startswith("listening on "):
+        stop()
+        raise RuntimeError(f"the bench server did not start (it said {line!r})")
+    return f"arrival://{line.removeprefix('listening on ')}", stop

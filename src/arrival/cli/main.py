@@ -75,14 +75,53 @@ def bench(
     ] = 1000,
     runs: Annotated[int, typer.Option(help="runs per guarantee; the median is reported")] = 3,
     url: Annotated[
-        str | None, typer.Option("--url", help="data directory (default: a fresh temp dir)")
+        str | None,
+        typer.Option(
+            "--url", help="data directory or arrival://host:port (default: a fresh temp dir)"
+        ),
     ] = None,
+    server: Annotated[
+        bool,
+        typer.Option(
+            "--server", help="start an `arrival serve` on a fresh temp dir and bench through it"
+        ),
+    ] = False,
     as_json: Json = False,
 ) -> None:
-    """Measure end-to-end throughput and latency per guarantee (embedded engine)."""
-    from arrival.cli.bench import BenchResult, environment, run_bench, summarize
+    """Measure end-to-end throughput and latency per guarantee: embedded, or against a
+    server (--server, or --url arrival://...) with producers as separate processes."""
+    from arrival.cli.bench import start_server
 
     guarantees = guarantee or ["at-most-once", "at-least-once", "exactly-once"]
+    if server and url is not None:
+        err.print("[red]error:[/] give --server or --url, not both")
+        raise typer.Exit(2)
+    stop_server = None
+    if server:
+        url, stop_server = start_server()
+    try:
+        _bench_runs(
+            guarantees, count, size, batch, producers, consumers, txn_batch, runs, url, as_json
+        )
+    finally:
+        if stop_server is not None:
+            stop_server()
+
+
+def _bench_runs(
+    guarantees: list[str],
+    count: int,
+    size: int,
+    batch: int,
+    producers: int,
+    consumers: int,
+    txn_batch: int,
+    runs: int,
+    url: str | None,
+    as_json: bool,
+) -> None:
+    from arrival.cli.bench import BenchResult, environment, run_bench, summarize
+
     results: dict[str, dict[str, object]] = {}
     for g in guarantees:
         runs_done: list[BenchResult] = []
@@ -115,10 +154,12 @@ def bench(
                 )
         results[g] = summarize(runs_done)
     if as_json:
-        json.dump({"environment": environment(), "results": results}, sys.stdout, indent=2)
+        env = environment(url)
+        json.dump({"environment": env, "results": results}, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return
-    table = Table(title=f"arrival bench — embedded, {size}-byte messages, median of {runs}")
+    where = "server" if url is not None and url.startswith("arrival") else "embedded"
+    table = Table(title=f"arrival bench — {where}, {size}-byte messages, median of {runs}")
     for col in (
         "guarantee",
         "msg/s",
