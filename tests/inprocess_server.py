@@ -23,12 +23,13 @@ class InProcessServer:
         rng: random.Random | None = None,
         token: str | None = None,
         port: int = 0,
+        max_in_flight: int = 10_000,
     ) -> None:
         self.backend = LocalBackend(Engine(storage, clock=clock, rng=rng), "in-process")
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.server = Server(self.backend, token=token)
+        self.server = Server(self.backend, token=token, max_in_flight=max_in_flight)
         host, port = self._run(self.server.start("127.0.0.1", port))
         self.url = f"arrival://{host}:{port}"
         self.port = port

@@ -21,6 +21,7 @@ import pytest
 import arrival
 import arrival.aio
 from arrival.errors import BrokerUnreachable, LeaseExpired, ReceiptError
+from arrival.semantics.dedup import RECENT
 from arrival.storage.memory import MemoryStorage
 from faultproxy import FaultProxy
 from inprocess_server import InProcessServer
@@ -446,3 +447,67 @@ def test_async_sends_through_repeated_cuts_store_each_message_once(
     assert sorted(o for o in offsets if o is not None) == list(range(n))
     bodies = sorted(int(m.body) for m in server.engine.peek("q", 10 * n))
     assert bodies == list(range(n))  # each stored once
+
+
+def test_many_concurrent_sends_of_one_producer_are_each_answered_after_a_cut(
+    server: InProcessServer, proxy: FaultProxy
+) -> None:
+    """More sends in flight than the broker remembers results for (RECENT per producer)
+    would get SequenceError when repeated: the client keeps at most that many unanswered."""
+    n = 200
+
+    async def main() -> list[int | None]:
+        b = await arrival.aio.connect(proxy.url)
+        try:
+            await b.create_queue("q", "exactly-once")
+            p = b.producer("many")
+            assert await p.send("q", b"warm-up") == 0
+            proxy.hold(down=True)  # every answer is lost from here...
+            sends = asyncio.gather(*(p.send("q", b"%d" % i) for i in range(n)))
+            while stored(server, "q") < 1 + RECENT:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)
+            assert stored(server, "q") == 1 + RECENT  # ...and no more than RECENT went out
+            proxy.cut()  # ...until the connection is cut and every send repeated
+            proxy.hold()
+            return await asyncio.wait_for(sends, 20)
+        finally:
+            await b.close()
+
+    offsets = asyncio.run(main())
+    assert sorted(o for o in offsets if o is not None) == list(range(1, n + 1))
+    assert stored(server, "q") == n + 1  # each once
+
+
+def test_a_commit_lost_across_a_server_restart_has_an_unknown_outcome() -> None:
+    """The repeat of a commit the restarted server can't recognize is fenced; that says
+    nothing about the first attempt, so the client reports the outcome as unknown."""
+    storage = MemoryStorage()
+    first = InProcessServer(storage)
+    port = first.port
+    second: InProcessServer | None = None
+    proxy = FaultProxy(("127.0.0.1", port))
+    b = arrival.connect(proxy.url)
+    try:
+        b.create_queue("out", "exactly-once")
+        tx = b.transaction("billing")
+        tx.send("out", b"invoice", id="inv-1")
+        proxy.hold(down=True)
+        t, out = in_thread(tx.commit)
+        wait_for(lambda: stored(first, "out") == 1, "the commit to be applied")
+        first.crash()  # after the commit was durable, before its answer came back
+        second = InProcessServer(storage, port=port)
+        proxy.cut()
+        proxy.hold()
+        t.join(10)
+        assert len(out) == 1
+        assert isinstance(out[0], BrokerUnreachable)
+        assert "outcome is unknown" in str(out[0])
+        assert tx.state == "unknown"
+        assert ids_in(second, "out") == ["inv-1"]  # it had committed, once
+    finally:
+        b.close()
+        proxy.close()
+        first.stop()
+        if second is not None:
+            second.stop()

@@ -167,6 +167,11 @@ class Backend:
     def close(self) -> Pending[None]:
         raise NotImplementedError
 
+    def send_window(self) -> int | None:
+        """How many sends one idempotent producer may have unanswered (None: no limit).
+        A backend that repeats sends bounds them by what the broker remembers."""
+        return None
+
     def shared_producer(self) -> Any:
         """The idempotent producer anonymous producers send durable messages with, when
         the backend may repeat a send (the network client); None in process."""

@@ -9,6 +9,7 @@ import math
 import os
 import random
 import threading
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 from arrival._backend import Backend, LocalBackend
 from arrival._clock import Clock
 from arrival._codec import RecordTuple
-from arrival._pending import Pending, Steps
+from arrival._pending import Future, Pending, Steps
 from arrival.engine import Engine, Send, TxnAcks, check_size
 from arrival.errors import (
     DedupHorizonPassed,
@@ -300,6 +301,9 @@ class ProducerCore:
         self.seq = 0
         self._lock = threading.Lock()
         self._specs: dict[str, QueueSpec] = {}
+        self._window = backend.send_window()
+        self._in_flight = 0
+        self._waiting: deque[Future[None]] = deque()
         # registration starts now (fencing any older holder) and is awaited by the first send
         self.registering: Pending[int] | None = None
         if producer_id is not None:
@@ -339,6 +343,46 @@ class ProducerCore:
         if self.id is None or spec.guarantee is Guarantee.AT_MOST_ONCE:
             offset: int | None = yield backend.send(queue, messages, bodies, None)
             return offset
+        if self._window is None:
+            return (yield from self._numbered(queue, messages, bodies))
+        yield from self._acquire()
+        try:
+            return (yield from self._numbered(queue, messages, bodies))
+        finally:
+            self._release()
+
+    def _acquire(self) -> Steps[None]:
+        """A place among the sends this producer may have unanswered (over the network,
+        as many as the broker remembers results for, so that each can be repeated)."""
+        with self._lock:
+            if self._in_flight < self._window:  # type: ignore[operator]
+                self._in_flight += 1
+                return
+            turn: Future[None] = Future()
+            self._waiting.append(turn)
+        try:
+            yield turn  # a finishing send hands its place over
+        except BaseException:
+            with self._lock:
+                if turn in self._waiting:
+                    self._waiting.remove(turn)
+                    raise
+            self._release()  # the place was handed to us already: pass it on
+            raise
+
+    def _release(self) -> None:
+        with self._lock:
+            turn = self._waiting.popleft() if self._waiting else None
+            if turn is None:
+                self._in_flight -= 1
+        if turn is not None:
+            turn.set_result(None)
+
+    def _numbered(
+        self, queue: str, messages: Sequence[Send] | None, bodies: list[bytes] | None
+    ) -> Steps[int | None]:
+        backend = self.backend
+        assert self.id is not None
         for attempt in (1, 2):
             with self._lock:
                 epoch = self.epoch

@@ -39,6 +39,7 @@ from arrival._process import (
 )
 from arrival.engine import DeadMessage, Engine
 from arrival.errors import (
+    BrokerUnreachable,
     ClosedError,
     LeaseExpired,
     NotSupported,
@@ -313,7 +314,9 @@ class Transaction:
 
     @property
     def state(self) -> str:
-        """``open``, ``committing``, ``committed`` or ``aborted``."""
+        """``open``, ``committing``, ``committed``, ``aborted``, or ``unknown`` (over the
+        network: the connection dropped while the commit was in flight, and the answer
+        could not be had after the reconnect)."""
         return self._core.state
 
     def __enter__(self) -> Transaction:
@@ -356,12 +359,16 @@ class Transaction:
     def commit(self, timeout: float | None = None) -> None:
         """Make every send and ack take effect, durably; returns once fsynced. Raises
         (and nothing took effect) if the transaction was fenced, timed out, or an acked
-        message's lease is no longer held."""
+        message's lease is no longer held. Over the network, BrokerUnreachable means the
+        outcome is unknown (the state says ``unknown``)."""
         pending = self._core.submit()
         try:
             pending.wait(timeout)
         except TimeoutError:
             raise  # not known yet: the commit may still complete (the state says so)
+        except BrokerUnreachable:
+            self._core.state = "unknown"
+            raise
         except BaseException:
             self._core.finished(False)
             raise

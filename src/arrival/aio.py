@@ -48,6 +48,7 @@ from arrival._process import (
 )
 from arrival.engine import DeadMessage, Engine
 from arrival.errors import (
+    BrokerUnreachable,
     ClosedError,
     LeaseExpired,
     NotSupported,
@@ -326,6 +327,9 @@ class Transaction:
         pending = self._core.submit()
         try:
             await pending
+        except BrokerUnreachable:
+            self._core.state = "unknown"  # over the network: the outcome is not known
+            raise
         except BaseException:
             self._core.finished(False)
             raise

@@ -43,6 +43,7 @@ from arrival.errors import (
     AuthenticationFailed,
     BrokerUnreachable,
     ClosedError,
+    ProducerFenced,
     UsageError,
 )
 from arrival.model import (
@@ -67,6 +68,7 @@ from arrival.protocol import (
     Welcome,
 )
 from arrival.protocol.connection import MAX_IN_FLIGHT
+from arrival.semantics.dedup import RECENT
 
 __all__ = ["AsyncClient", "RemoteBackend", "SyncClient", "parse_url"]
 
@@ -144,7 +146,7 @@ DEFAULT_RECONNECT_S = 30.0
 class _Req:
     """A request until it is answered: sent again after a reconnect if it may be."""
 
-    __slots__ = ("args", "deadline", "decode", "fut", "op", "retry")
+    __slots__ = ("args", "deadline", "decode", "fut", "op", "repeated", "retry")
 
     def __init__(self, op: str, args: dict[str, Any], fut: Future[Any], decode: _Decode) -> None:
         self.op = op
@@ -152,6 +154,7 @@ class _Req:
         self.fut = fut
         self.decode = decode
         self.retry = op in _RETRIED and (op != "send" or args.get("p") is not None)
+        self.repeated = False  # sent again after a reconnect
         # a receive sent again waits only for what is left of its timeout
         timeout = args.get("timeout") if op == "receive" else None
         self.deadline = None if timeout is None else time.monotonic() + timeout
@@ -260,7 +263,8 @@ class RemoteBackend(Backend):
                         if event.id is None:
                             lost = event.message
                             break
-                        done.append((self._waiting.pop(event.id), None, decode_error(event)))
+                        req = self._waiting.pop(event.id)
+                        done.append((req, None, self._error_of(req, event)))
                     elif isinstance(event, Goodbye):
                         lost = event.reason or "the server closed the connection"
                         break
@@ -283,6 +287,18 @@ class RemoteBackend(Backend):
         if lost is None and self._backlog and self._connected:
             self._drain()
         return lost
+
+    def _error_of(self, req: _Req, event: Error) -> ArrivalError:
+        error = decode_error(event)
+        if req.op == "commit" and req.repeated and isinstance(error, ProducerFenced):
+            # the first attempt may have committed before the server restarted (which
+            # fenced the repeat): only that attempt's lost answer could tell
+            return BrokerUnreachable(
+                f"lost the connection to {self.url} while transaction {req.args['t']!r} "
+                f"was committing, and the server restarted: the outcome is unknown. With "
+                f"deterministic output ids (the default), redoing the work is safe"
+            )
+        return error
 
     def _drain(self) -> None:
         """Send backlogged requests while the in-flight limit has room."""
@@ -307,6 +323,8 @@ class RemoteBackend(Backend):
             self._waiting = {}
             self._members = {}  # the server let go of them with the connection
             keep = [r for r in waiting if r.retry]
+            for r in keep:
+                r.repeated = True
             failed = [r for r in waiting if not r.retry]
             self._backlog.extendleft(reversed(keep))
             give_up = self._closed or self.reconnect <= 0 or self._failure is not None
@@ -377,6 +395,11 @@ class RemoteBackend(Backend):
             req.retry = False  # lost with this connection: the next one joins again
             req.fut.add_done_callback(functools.partial(joined, local, req))
             self._submit(req, urgent=True)
+
+    def send_window(self) -> int | None:
+        # a send repeated after a reconnect gets its original result only while it is
+        # among the producer's last RECENT sends the broker remembers
+        return RECENT
 
     def shared_producer(self) -> ProducerCore | None:
         """The producer this client's anonymous producers send to durable queues with:
@@ -921,11 +944,17 @@ class AsyncClient(RemoteBackend):
         except (OSError, TimeoutError) as exc:
             raise BrokerUnreachable(f"can't connect to {self.url}: {exc}") from exc
         assert proto.transport is not None
-        sock = proto.transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            event = await asyncio.wait_for(proto.welcome, CONNECT_TIMEOUT_S)
+            sock = proto.transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):  # closed at once by the server: below
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                event = await asyncio.wait_for(proto.welcome, CONNECT_TIMEOUT_S)
+            except TimeoutError:
+                raise BrokerUnreachable(
+                    f"{self.url} did not answer the handshake in {CONNECT_TIMEOUT_S:g} s"
+                ) from None
             self._welcome(event)
         except BaseException:
             proto.transport.close()
@@ -949,7 +978,7 @@ class AsyncClient(RemoteBackend):
             except AuthenticationFailed as exc:
                 self._fail(exc)
                 return
-            except BrokerUnreachable as exc:
+            except (BrokerUnreachable, OSError) as exc:
                 if time.monotonic() + delay > deadline:
                     self._fail(
                         BrokerUnreachable(

@@ -21,8 +21,9 @@ import logging
 import os
 import signal
 import ssl
+import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any, cast
 
 import msgspec
@@ -62,6 +63,8 @@ log = logging.getLogger("arrival.server")
 
 DEFAULT_LISTEN = "127.0.0.1:7711"
 DEFAULT_MAX_CONNECTIONS = 1024
+DEFAULT_MAX_IN_FLIGHT = 10_000  # messages one consumer may hold unsettled
+_THROTTLE_POLL_S = 0.05  # how often a consumer at its limit looks for room
 MAX_REQUESTS_PER_CONNECTION = 256  # running at once; reading pauses beyond it
 MAX_REMEMBERED_COMMITS = 100_000  # answers kept for commits retried after a reconnect
 MAX_OPEN_TRANSACTIONS = 10_000  # begin times a connection keeps for its transactions
@@ -86,7 +89,11 @@ class Server:
         token: str | None = None,
         ssl_context: ssl.SSLContext | None = None,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     ) -> None:
+        if max_in_flight < 1:
+            raise UsageError(f"max_in_flight must be at least 1, not {max_in_flight}")
+        self.max_in_flight = max_in_flight
         self.backend = backend
         self._token = token.encode() if token else None
         self._ssl = ssl_context
@@ -143,6 +150,7 @@ class _Session(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.members: set[int] = set()
         self.left: set[int] = set()  # consumers this connection closed
+        self.held: dict[int, int] = {}  # messages each consumer holds, about (see room)
         self.begun: dict[tuple[str, tuple[int, int]], float] = {}  # (tid, epoch) -> when
         self.running = 0  # requests started, not yet answered
         self.tasks: set[asyncio.Task[None]] = set()
@@ -261,7 +269,7 @@ class _Session(asyncio.Protocol):
         ) as exc:
             self._reply_error(req.id, UsageError(f"malformed {req.op!r} request: {exc!r}"))
             return
-        if isinstance(pending, _Receive):
+        if isinstance(pending, (_Receive, _Throttled)):
             # a long poll waits for messages, not for the server: it does not hold back
             # the connection's other requests; reading pauses only at the protocol's
             # in-flight limit of them
@@ -380,6 +388,23 @@ class _Session(asyncio.Protocol):
         if m not in self.members:
             raise ClosedError("the consumer")
         return int(m)
+
+    def room(self, m: int) -> int:
+        """How many more messages consumer ``m`` may hold. Counted as deliveries minus
+        settles through this connection, and recounted exactly when that reaches the
+        limit (leases that expired meanwhile were counted as held)."""
+        limit = self.server.max_in_flight
+        if self.held.get(m, 0) < limit:
+            return limit - self.held.get(m, 0)
+        try:
+            self.held[m] = self.backend.engine.member_stats(m).in_flight
+        except ArrivalError:
+            return limit  # gone: the receive itself says so
+        return limit - self.held[m]
+
+    def settled(self, m: int, n: int) -> None:
+        if m in self.held:
+            self.held[m] = max(0, self.held[m] - n)
 
     def settling(self, m: Any) -> int:
         """The consumer a settle names: the engine refuses one that left (LeaseExpired),
@@ -506,6 +531,8 @@ def _commit(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode]:
         (s.settling(m), int(ep), [(int(o), int(at)) for o, at in receipts])
         for m, ep, receipts in a["acks"]
     ]
+    for m, _ep, receipts in acks:
+        s.settled(m, len(receipts))
     cid = a.get("cid")
     if cid is not None:
         earlier = s.server.commits.get(cid)
@@ -541,23 +568,70 @@ def _leave(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode]:
 def _receive(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode]:
     limit = max(1, min(int(a["n"]), MAX_RECEIVE))
     t = a.get("timeout")
+    timeout = None if t is None else float(t)
     backend = s.backend
+    m = s.member(a["m"])
 
     def encode(got: list[Any]) -> list[Any]:  # with our clock: the client times leases by it
+        s.held[m] = s.held.get(m, 0) + len(got)
         return [backend.now(), encode_deliveries(got)]
 
-    return backend.receive(s.member(a["m"]), limit, None if t is None else float(t)), encode
+    room = s.room(m)
+    if room <= 0:  # the consumer holds its limit: wait until it settles some
+        return _Throttled(s, m, limit, timeout), encode
+    return backend.receive(m, min(limit, room), timeout), encode
+
+
+class _Throttled:
+    """A receive by a consumer that holds ``max_in_flight`` messages already: it waits
+    (up to its timeout) until the consumer settles some, then receives at most that
+    many. A slow consumer holds its share, not the queue."""
+
+    def __init__(self, s: _Session, member: int, limit: int, timeout: float | None) -> None:
+        self.s = s
+        self.member = member
+        self.limit = limit
+        self.end = None if timeout is None else time.monotonic() + timeout
+
+    def done(self) -> bool:
+        return False
+
+    def add_done_callback(self, cb: Callable[[], None]) -> None:
+        raise TypeError("a throttled receive runs when awaited")
+
+    def wait(self, timeout: float | None = None) -> list[Any]:
+        raise TypeError("a throttled receive is awaited on the server's loop")
+
+    def __await__(self) -> Generator[Any, None, list[Any]]:
+        return self._wait().__await__()
+
+    async def _wait(self) -> list[Any]:
+        while True:
+            left = None if self.end is None else self.end - time.monotonic()
+            if left is not None and left <= 0:
+                return []
+            await asyncio.sleep(_THROTTLE_POLL_S if left is None else min(left, _THROTTLE_POLL_S))
+            room = self.s.room(self.member)
+            if room > 0:
+                left = None if self.end is None else max(0.0, self.end - time.monotonic())
+                got: list[Any] = await self.s.backend.receive(
+                    self.member, min(self.limit, room), left
+                )
+                return got
 
 
 @_op("ack")
 def _ack(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode]:
     receipts = [(int(o), int(at)) for o, at in a["r"]]
-    return s.backend.ack(s.settling(a["m"]), int(a["e"]), receipts), _same
+    m = s.settling(a["m"])
+    s.settled(m, len(receipts))
+    return s.backend.ack(m, int(a["e"]), receipts), _same
 
 
 @_op("nack")
 def _nack(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode]:
     d = a.get("delay")
+    s.settled(s.settling(a["m"]), 1)
     return s.backend.nack(
         s.settling(a["m"]),
         int(a["e"]),
@@ -571,6 +645,7 @@ def _nack(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode]:
 @_op("reject")
 def _reject(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode]:
     m = s.settling(a["m"])
+    s.settled(m, 1)
     return s.backend.reject(m, int(a["e"]), int(a["o"]), int(a["a"]), str(a["reason"])), _same
 
 
@@ -585,6 +660,7 @@ def _extend(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode]:
 @_op("release")
 def _release(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode]:
     m = s.settling(a["m"])
+    s.settled(m, 1)
     return s.backend.release(m, int(a["e"]), int(a["o"]), int(a["a"])), _same
 
 
@@ -654,12 +730,15 @@ def serve(
     tls_cert: str | None = None,
     tls_key: str | None = None,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
 ) -> None:
     """Serve ``data`` on ``listen`` until SIGTERM/SIGINT. Prints ``listening on H:P``
     (with the real port when 0 was asked) once clients can connect."""
     host, port = parse_listen(listen)
     ctx = tls_context(tls_cert, tls_key)
-    main = _serve(data, host, port, token, ctx, max_connections)
+    if max_in_flight < 1:
+        raise UsageError(f"--max-in-flight must be at least 1, not {max_in_flight}")
+    main = _serve(data, host, port, token, ctx, max_connections, max_in_flight)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is not built for every platform
@@ -675,9 +754,16 @@ async def _serve(
     token: str | None,
     ctx: ssl.SSLContext | None,
     max_connections: int,
+    max_in_flight: int,
 ) -> None:
     backend = local_backend(data)
-    server = Server(backend, token=token, ssl_context=ctx, max_connections=max_connections)
+    server = Server(
+        backend,
+        token=token,
+        ssl_context=ctx,
+        max_connections=max_connections,
+        max_in_flight=max_in_flight,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

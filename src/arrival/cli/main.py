@@ -212,6 +212,12 @@ def serve(
     max_connections: Annotated[
         int, typer.Option("--max-connections", help="connections served at once")
     ] = 1024,
+    max_in_flight: Annotated[
+        int,
+        typer.Option(
+            "--max-in-flight", help="messages one consumer may hold unsettled (a slow one waits)"
+        ),
+    ] = 10_000,
     log_level: Annotated[str, typer.Option("--log-level", help="DEBUG/INFO/WARNING")] = "INFO",
 ) -> None:
     """Share one broker over TCP: clients connect with arrival://HOST:PORT.
@@ -233,6 +239,7 @@ def serve(
             tls_cert=tls_cert,
             tls_key=tls_key,
             max_connections=max_connections,
+            max_in_flight=max_in_flight,
         )
     except (ArrivalError, OSError) as exc:
         err.print(f"[red]error:[/] {exc}")
