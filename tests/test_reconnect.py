@@ -511,3 +511,45 @@ def test_a_commit_lost_across_a_server_restart_has_an_unknown_outcome() -> None:
         first.stop()
         if second is not None:
             second.stop()
+
+
+class _SlowSocket:
+    """A socket whose writes take a while: threads' requests pile up meanwhile."""
+
+    def __init__(self, sock: object) -> None:
+        self._sock = sock
+
+    def sendall(self, data: bytes) -> None:
+        time.sleep(0.002)
+        self._sock.sendall(data)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._sock, name)
+
+
+def test_concurrent_blocking_sends_share_socket_writes(server: InProcessServer) -> None:
+    b = arrival.connect(server.url)
+    try:
+        b.create_queue("q", "at-least-once")
+        client = b._b  # type: ignore[attr-defined]
+        client._sock = _SlowSocket(client._sock)
+        threads, per_thread = 8, 50
+        before = client.writes
+
+        def send() -> None:
+            p = b.producer()
+            for i in range(per_thread):
+                p.send("q", b"%d" % i)
+
+        workers = [threading.Thread(target=send) for _ in range(threads)]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join(30)
+        sends = threads * per_thread
+        assert stored(server, "q") == sends
+        writes = client.writes - before
+        print(f"{sends} sends from {threads} threads in {writes} socket writes")
+        assert writes < sends * 0.8  # requests made meanwhile went out together
+    finally:
+        b.close()

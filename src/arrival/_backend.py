@@ -167,6 +167,10 @@ class Backend:
     def close(self) -> Pending[None]:
         raise NotImplementedError
 
+    def flush_sends(self) -> None:
+        """Write the sends queued so far (a network client queues a numbered send under
+        its producer's lock and writes it after)."""
+
     def send_window(self) -> int | None:
         """How many sends one idempotent producer may have unanswered (None: no limit).
         A backend that repeats sends bounds them by what the broker remembers."""

@@ -394,6 +394,7 @@ class ProducerCore:
                     pending = None
                 else:
                     self.seq += 1
+            backend.flush_sends()
             if pending is not None:
                 try:
                     first: int | None = yield pending

@@ -194,12 +194,17 @@ class RemoteBackend(Backend):
 
     # -- moving requests ----------------------------------------------------------------
 
-    def _call(self, op: str, args: dict[str, Any], decode: _Decode = _same) -> Future[Any]:
+    def _call(
+        self, op: str, args: dict[str, Any], decode: _Decode = _same, *, flush: bool = True
+    ) -> Future[Any]:
         req = _Req(op, args, Future(), decode)
-        self._submit(req)
+        self._submit(req, flush=flush)
         return req.fut
 
-    def _submit(self, req: _Req, urgent: bool = False) -> None:
+    def flush_sends(self) -> None:
+        self._flush_writes()
+
+    def _submit(self, req: _Req, urgent: bool = False, flush: bool = True) -> None:
         with self._order:  # frames go out in the order of their request ids
             with self._lock:
                 if self._closed:
@@ -212,8 +217,11 @@ class RemoteBackend(Backend):
                     self._backlog.append(req)
                     return
                 data = self._frame(req)
+                generation = self._generation
             if data is not None:
-                self._write(data)
+                self._write(data, generation)
+        if data is not None and flush:
+            self._flush_writes()
 
     def _room(self) -> bool:
         """Whether another request may go out now (under the lock)."""
@@ -242,8 +250,14 @@ class RemoteBackend(Backend):
         self._waiting[rid] = req
         return data
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes, generation: int) -> None:
+        """Send ``data``, framed on connection ``generation``: in the order of the calls,
+        and not at all once that connection is lost (its requests are framed again).
+        Called in frame order (under ``_order``); ``_flush_writes`` follows outside it."""
         raise NotImplementedError
+
+    def _flush_writes(self) -> None:
+        """Put what ``_write`` queued on the wire, if the transport waits for that."""
 
     def _received(self, data: bytes) -> str | None:
         """Bytes from the server (b"": it closed): complete the futures they answer.
@@ -309,8 +323,11 @@ class RemoteBackend(Backend):
                     frame = self._frame(self._backlog.popleft())
                     if frame is not None:
                         out.append(frame)
+                generation = self._generation
             if out:
-                self._write(b"".join(out))
+                self._write(b"".join(out), generation)
+        if out:
+            self._flush_writes()
 
     def _lost(self, why: str) -> bool:
         """The connection dropped: keep what may be repeated, fail the rest. Returns
@@ -489,7 +506,9 @@ class RemoteBackend(Backend):
                 f"a batch of about {size} bytes does not fit in one frame ({limit} bytes "
                 f"with the server's max_frame): send it in smaller batches"
             )
-        return self._call("send", args)
+        # queued in sequence order under the producer's lock; written by flush_sends
+        # once that lock is released, so other threads' sends can join the write
+        return self._call("send", args, flush=producer is None)
 
     def begin_transaction(self, tid: str) -> Pending[tuple[int, int]]:
         return self._call("begin", {"t": tid}, lambda e: (int(e[0]), int(e[1])))
@@ -677,6 +696,10 @@ class SyncClient(RemoteBackend):
         self._sock: socket.socket | None = None
         self._reader: threading.Thread | None = None
         self._room_cv = threading.Condition(self._lock)
+        self._out: list[tuple[int, bytes]] = []  # (generation, frames) waiting to be written
+        self._out_lock = threading.Lock()
+        self._writing = threading.Lock()  # held by the one thread writing
+        self.writes = 0  # socket writes, for tests and the curious
 
     @classmethod
     def open(
@@ -752,15 +775,37 @@ class SyncClient(RemoteBackend):
                 self._room_cv.wait(1.0)
         return self.conn.unanswered < MAX_IN_FLIGHT
 
-    def _write(self, data: bytes) -> None:
-        sock = self._sock
-        if sock is None:
-            return
-        try:
-            sock.sendall(data)
-        except OSError:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)  # the reader sees it and reconnects
+    def _write(self, data: bytes, generation: int) -> None:
+        """Queue ``data``; then ``_flush_writes``: one thread at a time writes everything
+        queued, so requests made concurrently by many threads go out together (a short
+        linger of one write: while one thread writes, the others' requests gather)."""
+        with self._out_lock:
+            self._out.append((generation, data))
+
+    def _flush_writes(self) -> None:
+        while self._writing.acquire(blocking=False):
+            try:
+                while True:
+                    with self._out_lock:
+                        if not self._out:
+                            break
+                        queued, self._out = self._out, []
+                    current = self._generation
+                    chunk = b"".join(d for g, d in queued if g == current)
+                    sock = self._sock
+                    if not chunk or sock is None:
+                        continue
+                    self.writes += 1
+                    try:
+                        sock.sendall(chunk)
+                    except OSError:
+                        with contextlib.suppress(OSError):
+                            sock.shutdown(socket.SHUT_RDWR)  # the reader reconnects
+            finally:
+                self._writing.release()
+            with self._out_lock:
+                if not self._out:
+                    return  # else: queued after our last look; write it
 
     def _read_loop(self) -> None:
         while True:
@@ -997,11 +1042,13 @@ class AsyncClient(RemoteBackend):
             self._reconnected()
             return
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes, generation: int) -> None:
         """Queue ``data``; everything queued in this turn of the loop goes in one write."""
         if threading.get_ident() != self._thread:
-            self._loop.call_soon_threadsafe(self._write, data)
+            self._loop.call_soon_threadsafe(self._write, data, generation)
             return
+        if generation != self._generation:
+            return  # framed on a connection lost since: framed again on the new one
         if not self._out:
             self._loop.call_soon(self._flush)
         self._out.append(data)
