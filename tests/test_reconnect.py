@@ -553,3 +553,27 @@ def test_concurrent_blocking_sends_share_socket_writes(server: InProcessServer) 
         assert writes < sends * 0.8  # requests made meanwhile went out together
     finally:
         b.close()
+
+
+def test_a_slow_network_delays_but_changes_nothing(
+    server: InProcessServer, proxy: FaultProxy
+) -> None:
+    b = arrival.connect(proxy.url)
+    try:
+        b.create_queue("q", "exactly-once")
+        p = b.producer("slow-net")
+        proxy.delay(0.05)  # each way
+        start = time.monotonic()
+        assert p.send("q", b"a", id="a") == 0
+        assert time.monotonic() - start >= 0.1  # the round trip went through the delay
+        t, out = in_thread(lambda: p.send("q", b"b", id="b"))
+        wait_for(lambda: stored(server, "q") == 2, "the delayed send to be stored")
+        proxy.cut()  # its answer was still on the slow way back
+        proxy.delay(0)
+        t.join(10)
+        assert out == [1]  # repeated after the reconnect: the original offset, stored once
+        assert b._b.reconnects >= 1  # type: ignore[attr-defined]
+        c = b.consumer("q", "g")
+        assert [m.body for m in c.receive_batch(10, timeout=5)] == [b"a", b"b"]
+    finally:
+        b.close()
