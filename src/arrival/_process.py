@@ -58,9 +58,15 @@ class OutputsBase:
         self._source = source
         self._items: list[tuple[str, Send]] = []
 
-    def _prepare(self) -> Steps[None]:
-        """Look up the queues sent to (raising UnknownQueue); then ``_flush``."""
-        return self._core.prepare({q for q, _ in self._items})
+    def _prepare(self) -> Steps[None] | None:
+        """Steps that look up the queues sent to (raising UnknownQueue) before ``_flush``;
+        None when they are known already (the common case: no generator per message)."""
+        core = self._core
+        limits = core.limits
+        for q, _ in self._items:
+            if q not in limits:
+                return core.prepare({q for q, _ in self._items})
+        return None if core.beginning is None else core.prepare(())
 
     def _flush(self) -> None:
         self._core.add_all(self._items, self._source)

@@ -552,7 +552,9 @@ class Consumer:
             if type(cmd) is Handle:
                 try:
                     handler(cmd.msg, cmd.out)
-                    drive(cmd.out._prepare())
+                    prepare = cmd.out._prepare()
+                    if prepare is not None:
+                        drive(prepare)
                     cmd.out._flush()  # all of its outputs, or (refused) none
                 except Exception as exc:  # noqa: BLE001 - the handler's failure is data
                     return exc

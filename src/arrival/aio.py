@@ -500,7 +500,9 @@ class Consumer:
                     r = handler(cmd.msg, cmd.out)
                     if asyncio.iscoroutine(r):
                         await r
-                    await adrive(cmd.out._prepare())
+                    prepare = cmd.out._prepare()
+                    if prepare is not None:
+                        await adrive(prepare)
                     cmd.out._flush()  # all of its outputs, or (refused) none
                 except Exception as exc:  # noqa: BLE001 - the handler's failure is data
                     return exc
