@@ -176,7 +176,7 @@ def _round_trip(broker: arrival.Broker) -> None:
         msg.ack()
     finally:
         consumer.close()
-    assert time.monotonic() - start < 2.5, "the server answered too slowly"
+    assert time.monotonic() - start < 5.0, "the server answered too slowly"
 
 
 def _assert_serving(srv: InProcessServer, existing: arrival.Broker) -> None:
