@@ -326,20 +326,24 @@ class ProducerCore:
         spec = self._specs.get(queue)
         if spec is None:
             spec = self._specs[queue] = yield self.backend.spec(queue)
-        limit = spec.max_message_bytes
-        if bodies is not None:
-            if bodies and max(map(len, bodies)) > limit:
-                raise MessageTooLarge(queue, max(map(len, bodies)), limit)
-        else:
-            assert messages is not None
-            for _mid, _key, headers, body in messages:
-                check_size(queue, limit, headers, body)
         backend = self.backend
         if self.id is None and spec.guarantee is not Guarantee.AT_MOST_ONCE:
             shared = backend.shared_producer()
             if shared is not None:  # over the network: numbered, so a resend is stored once
                 offset_: int | None = yield from shared.send(queue, messages, bodies)
                 return offset_
+        if self._window is not None:
+            # a backend that repeats sends (the network client) numbers a send before
+            # the broker checks it: refuse an oversized one here, before it takes a
+            # number. In process the engine refuses it before the number is counted.
+            limit = spec.max_message_bytes
+            if bodies is not None:
+                if bodies and max(map(len, bodies)) > limit:
+                    raise MessageTooLarge(queue, max(map(len, bodies)), limit)
+            else:
+                assert messages is not None
+                for _mid, _key, headers, body in messages:
+                    check_size(queue, limit, headers, body)
         if self.id is None or spec.guarantee is Guarantee.AT_MOST_ONCE:
             offset: int | None = yield backend.send(queue, messages, bodies, None)
             return offset

@@ -631,9 +631,10 @@ def _ack(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode]:
 @_op("nack")
 def _nack(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode]:
     d = a.get("delay")
-    s.settled(s.settling(a["m"]), 1)
+    m = s.settling(a["m"])
+    s.settled(m, 1)
     return s.backend.nack(
-        s.settling(a["m"]),
+        m,
         int(a["e"]),
         int(a["o"]),
         int(a["a"]),
