@@ -59,12 +59,30 @@ class InProcessServer:
         async def drop() -> None:
             if self.server._server is not None:
                 self.server._server.close()
-            for s in list(self.server.sessions):
-                if s.transport is not None:
-                    s.transport.abort()
+            # twice: a connection accepted while the first round ran is dropped too, as a
+            # dead process would drop it (else its client waits out its handshake timeout)
+            for _ in range(2):
+                await asyncio.sleep(0.02)
+                for s in list(self.server.sessions):
+                    if s.transport is not None:
+                        s.transport.abort()
+            await asyncio.sleep(0.05)  # the aborted transports' connection_lost callbacks
 
         if not graceful:
             self._run(drop())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+
+        async def settle() -> None:
+            # what was scheduled before the loop stopped (a connection being accepted, a
+            # late failed request dropping its connection): run it, and close every
+            # transport before the loop closes
+            for _ in range(2):
+                await asyncio.sleep(0.02)
+                for s in list(self.server.sessions):
+                    if s.transport is not None:
+                        s.transport.abort()
+            await asyncio.sleep(0.05)
+
+        self.loop.run_until_complete(settle())
         self.loop.close()

@@ -879,3 +879,59 @@ def test_producer_state_is_committed_with_the_send(stores: Stores, gated: list[G
     assert state is not None
     epoch, last_seq, _last_send, recent = msgspec.msgpack.decode(state)
     assert (epoch, last_seq, recent) == (e, 1, [[1, "q", 0]])
+
+
+def test_a_producer_behind_the_brokers_sequence_opens_a_new_epoch(stores: Stores) -> None:
+    """Sends numbered but never stored (they failed on a broken disk, or a crashed broker
+    lost them before storing) leave the broker's sequence behind the producer's. The
+    next send gets a gap, which says it was not stored either: the producer opens a new
+    epoch and sends it again, instead of failing that send and every one after it."""
+    b = stores.open()
+    b.create_queue("q", "exactly-once")
+    p = b.producer("p1")
+    assert p.send("q", b"a", id="a") == 0
+    first_epoch = p._core.epoch
+    p._core.seq += 3  # three sends numbered that the broker never stored
+    assert p.send("q", b"b", id="b") == 1
+    assert p._core.epoch > first_epoch
+    assert p.send("q", b"c", id="c") == 2
+    assert bodies(drain(b.consumer("q", "g"))) == [b"a", b"b", b"c"]
+
+
+def test_the_gap_of_a_broker_refused_sequence_is_marked() -> None:
+    from arrival.semantics.dedup import ProducerTable
+
+    t = ProducerTable(7 * 86400.0)
+    epoch = t.register("p", 0.0)
+    t.record("p", epoch, 1, "q", 0, 0.0)
+    with pytest.raises(SequenceError) as gap:
+        t.check("p", epoch, 3, "q")
+    assert gap.value.gap
+    with pytest.raises(SequenceError) as other:
+        t.check("p", epoch, 0, "q")
+    assert not other.value.gap
+
+
+def test_threads_that_find_the_gap_at_once_share_one_new_epoch(stores: Stores) -> None:
+    b = stores.open()
+    b.create_queue("q", "exactly-once")
+    p = b.producer("p1")
+    p.send("q", b"first", id="first")
+    p._core.seq += 5
+    errors: list[BaseException] = []
+
+    def send(t: int) -> None:
+        try:
+            for n in range(20):
+                p.send("q", b"x", id=f"t{t}-{n}")
+        except BaseException as exc:  # noqa: BLE001 - the test's finding
+            errors.append(exc)
+
+    threads = [threading.Thread(target=send, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    ids = [m.id for m in b.peek("q", 1000)]
+    assert len(ids) == len(set(ids)) == 1 + 8 * 20

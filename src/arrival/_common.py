@@ -23,6 +23,8 @@ from arrival.errors import (
     DedupHorizonPassed,
     MessageTooLarge,
     NotSupported,
+    ProducerFenced,
+    SequenceError,
     TransactionError,
     UsageError,
 )
@@ -304,6 +306,7 @@ class ProducerCore:
         self._window = backend.send_window()
         self._in_flight = 0
         self._waiting: deque[Future[None]] = deque()
+        self._reopening: Future[int] | None = None  # a new epoch being opened
         # registration starts now (fencing any older holder) and is awaited by the first send
         self.registering: Pending[int] | None = None
         if producer_id is not None:
@@ -382,18 +385,30 @@ class ProducerCore:
         if turn is not None:
             turn.set_result(None)
 
+    def _reopens(self, exc: BaseException, epoch: int) -> bool:
+        """Whether a send numbered in ``epoch`` and refused with ``exc`` is sent again in
+        a new epoch. It was not stored in each case: the broker forgot the producer (idle
+        past its horizon); the broker's sequence is behind ours (sends numbered before
+        it never reached the store: they failed, or a crashed broker lost them), and
+        without a new epoch every later send would fail the same way; or the new epoch
+        this producer opened for that fenced it."""
+        if isinstance(exc, ProducerFenced):  # (read without the lock: callers hold it)
+            return self.epoch != epoch or self._reopening is not None
+        return isinstance(exc, DedupHorizonPassed) or bool(getattr(exc, "gap", False))
+
     def _numbered(
         self, queue: str, messages: Sequence[Send] | None, bodies: list[bytes] | None
     ) -> Steps[int | None]:
         backend = self.backend
         assert self.id is not None
-        for attempt in (1, 2):
+        for attempt in (1, 2, 3):
             with self._lock:
                 epoch = self.epoch
                 try:
                     pending = backend.send(queue, messages, bodies, (self.id, epoch, self.seq + 1))
-                except DedupHorizonPassed:
-                    if attempt == 2:
+                except (DedupHorizonPassed, SequenceError, ProducerFenced) as exc:
+                    # in process the engine refuses at once what a server answers later
+                    if attempt == 3 or not self._reopens(exc, epoch):
                         raise
                     pending = None
                 else:
@@ -403,16 +418,36 @@ class ProducerCore:
                 try:
                     first: int | None = yield pending
                     return first
-                except DedupHorizonPassed:
-                    if attempt == 2:
+                except (DedupHorizonPassed, SequenceError, ProducerFenced) as exc:
+                    if attempt == 3 or not self._reopens(exc, epoch):
                         raise
-            # idle past the horizon, the broker forgot this producer. This send is a
-            # first attempt (a retry would not have come here), so open a new epoch
-            if self.epoch == epoch:
+            if self.epoch != epoch:
+                continue  # a new epoch is open already: send again in it
+            # idle past the horizon, the broker forgot this producer; or its sequence
+            # is behind ours. This send was not stored, so open a new epoch: one for all
+            # the sends that found out at once (each its own would fence the others)
+            opener = False
+            with self._lock:
+                if self.epoch == epoch and self._reopening is None:
+                    self._reopening, opener = Future(), True
+                reopening = self._reopening if self.epoch == epoch else None
+            if reopening is None:
+                continue
+            if not opener:
+                yield reopening  # the opener sets the epoch; its failure is ours
+                continue
+            try:
                 new = yield backend.register_producer(self.id)
+            except BaseException as exc:
                 with self._lock:
-                    if self.epoch == epoch:
-                        self.epoch, self.seq = new, 0
+                    self._reopening = None
+                reopening.set_exception(exc)
+                raise
+            with self._lock:  # the new epoch and the end of opening it, at once
+                if self.epoch == epoch:
+                    self.epoch, self.seq = new, 0
+                self._reopening = None
+            reopening.set_result(new)
         raise AssertionError("unreachable")
 
 

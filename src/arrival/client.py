@@ -67,7 +67,7 @@ from arrival.protocol import (
     Request,
     Welcome,
 )
-from arrival.protocol.connection import MAX_IN_FLIGHT
+from arrival.protocol.connection import MAX_IN_FLIGHT, State
 from arrival.semantics.dedup import RECENT
 
 __all__ = ["AsyncClient", "RemoteBackend", "SyncClient", "parse_url"]
@@ -240,7 +240,12 @@ class RemoteBackend(Backend):
         return args
 
     def _frame(self, req: _Req) -> bytes | None:
-        """The request's bytes (under the lock); None if it can't be encoded."""
+        """The request's bytes (under the lock); None if it can't be encoded, or if the
+        server already said goodbye on this connection (the request then waits in the
+        backlog, for the connection that replaces it)."""
+        if self.conn.state is State.CLOSED:
+            self._backlog.appendleft(req)
+            return None
         rid = self.conn.next_request_id()
         try:
             data = self.conn.send(Request(rid, req.op, self._wire_args(req)))
@@ -319,7 +324,12 @@ class RemoteBackend(Backend):
         out: list[bytes] = []
         with self._order:
             with self._lock:
-                while self._backlog and self._connected and self.conn.unanswered < MAX_IN_FLIGHT:
+                while (
+                    self._backlog
+                    and self._connected
+                    and self.conn.unanswered < MAX_IN_FLIGHT
+                    and self.conn.state is not State.CLOSED
+                ):
                     frame = self._frame(self._backlog.popleft())
                     if frame is not None:
                         out.append(frame)
@@ -773,7 +783,9 @@ class SyncClient(RemoteBackend):
         if threading.current_thread() is not self._reader:
             while self.conn.unanswered >= MAX_IN_FLIGHT and self._connected and not self._closed:
                 self._room_cv.wait(1.0)
-        return self.conn.unanswered < MAX_IN_FLIGHT
+        # behind what waits in the backlog (requests repeated after a reconnect, before
+        # ``_drain`` sent them): a numbered send must not overtake a lower sequence
+        return self.conn.unanswered < MAX_IN_FLIGHT and not self._backlog
 
     def _write(self, data: bytes, generation: int) -> None:
         """Queue ``data``; then ``_flush_writes``: one thread at a time writes everything

@@ -27,11 +27,12 @@ import itertools
 import random
 import re
 import threading
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from arrival import _crash
+from arrival import _canary, _crash
 from arrival._clock import Clock, SystemClock
 from arrival._codec import RecordTuple, decode_batch, encode_batch
 from arrival.errors import (
@@ -78,6 +79,7 @@ SNAPSHOT_EVERY = 256  # group deltas between snapshots: bounds recovery time and
 CACHE_MESSAGES = 262_144  # decoded messages kept in memory; older batches are re-read
 FLOOR_TICK_S = 1.0  # retention is kept to this precision; bounds floor_times to one per s
 HOUSEKEEPING_S = 0.25  # how often the writer expires leases and trims when idle
+CANARY_GAP_S = 0.05  # canaries only: how late the broken step comes (arrival._canary)
 DEDUP_EXPIRY_S = 1.0  # how often idle producers and old message ids are forgotten
 
 # provenance headers of dead-lettered messages
@@ -349,6 +351,8 @@ class Engine:
         try:
             self.epoch = int(loaded.meta.get("epoch", b"0")) + 1
             self._txns = TransactionTable(self.epoch)
+            # canary amo-deliver-first: group -> [(handed out at, member, items)]
+            self._unmarked: dict[str, list[tuple[float, int, list[tuple[int, RecordTuple]]]]] = {}
             self._producers = ProducerTable(producer_horizon_s, self.epoch)
             self._restore(loaded.specs, loaded.batches, loaded.groups, loaded.meta)
             self._producers.restore(loaded.producers)
@@ -676,7 +680,9 @@ class Engine:
                 pid, epoch, seq = producer
                 dup = self._producers.check(pid, epoch, seq, queue)
                 if isinstance(dup, Duplicate):
-                    return self._ticket_for(q, dup.offset)
+                    if "dedup-off" not in _canary.ON:
+                        return self._ticket_for(q, dup.offset)
+                    producer = None  # canary: store the retry again
             ticket = self._append_dedup(q, records, data)
             if producer is not None:
                 self._producers.record(pid, epoch, seq, queue, ticket.result, self.clock.now())
@@ -714,7 +720,7 @@ class Engine:
         offset at which the original was stored. The caller holds the lock.
         """
         ids = q.ids
-        if ids is None:
+        if ids is None or "dedup-off" in _canary.ON:
             q.sent += len(records)
             return self._append(q, records, data)
         fresh: list[RecordTuple] = []
@@ -803,6 +809,8 @@ class Engine:
             q, g = m.queue, m.group
             if g.lossy is not None:
                 items = g.lossy.take(limit)
+                if "amo-deliver-first" in _canary.ON:
+                    items = self._canary_unmarked(g, member_id, items)
                 m.received += len(items)
                 return [(off, 1, 0.0, rec) for off, rec in items], self.version, None
             s = g.state
@@ -833,6 +841,18 @@ class Engine:
                         end = first + len(records)
                     append((off, attempt, deadline, records[off - first]))
             return out, self.version, s.next_due()
+
+    def _canary_unmarked(
+        self, g: _Group, member_id: int, items: list[tuple[int, RecordTuple]]
+    ) -> list[tuple[int, RecordTuple]]:
+        """Canary: messages are marked delivered only ``CANARY_GAP_S`` after they were
+        handed out; until then every other consumer of the group gets them too."""
+        t = time.monotonic()
+        recent = [u for u in self._unmarked.get(g.name, []) if t - u[0] < CANARY_GAP_S]
+        again = [it for _t, mid, its in recent if mid != member_id for it in its]
+        keep = [u for u in recent if u[1] == member_id]  # each goes out twice at most
+        self._unmarked[g.name] = [*keep, (t, member_id, items)]
+        return again + items
 
     def _expire(self, q: _Queue, g: _Group, now: float) -> None:
         s = g.state
@@ -978,11 +998,16 @@ class Engine:
                     self._txns.end(tid, epoch)
                 raise
             lossy: list[tuple[_Queue, list[RecordTuple]]] = []
+            late: list[tuple[_Queue, list[RecordTuple], bytes | None]] = []
             for q, records, data in encoded:
                 if q.lossy is not None:
                     lossy.append((q, records))
+                elif "acks-before-outputs" in _canary.ON:
+                    late.append((q, records, data))
                 else:
                     self._append_dedup(q, records, data)
+            if late:
+                threading.Timer(CANARY_GAP_S, self._canary_late_outputs, (late,)).start()
             for member_id, st, receipts in targets:
                 st.ack_many(receipts)
                 self._members[member_id].acked += len(receipts)
@@ -1002,6 +1027,14 @@ class Engine:
             if targets:
                 self._notify()
         return ticket
+
+    def _canary_late_outputs(
+        self, late: list[tuple[_Queue, list[RecordTuple], bytes | None]]
+    ) -> None:
+        with self._lock:
+            if self._failure is None and not self._closing:
+                for q, records, data in late:
+                    self._append_dedup(q, records, data)
 
     def nack(
         self,
@@ -1407,3 +1440,8 @@ class Engine:
     @property
     def closed(self) -> bool:
         return self._closing
+
+    @property
+    def failure(self) -> BaseException | None:
+        """The storage failure that stopped the engine, if one did."""
+        return self._failure

@@ -131,9 +131,12 @@ class TransactionError(UsageError):
 class SequenceError(UsageError):
     """An idempotent producer's send whose sequence number cannot be honoured."""
 
-    def __init__(self, producer: str, seq: int, detail: str) -> None:
+    def __init__(self, producer: str, seq: int, detail: str, *, gap: bool = False) -> None:
         self.producer = producer
         self.seq = seq
+        # sends before this one were never stored (nor was this one): the broker's
+        # sequence is behind the producer's
+        self.gap = gap
         super().__init__(f"producer {producer!r} can't send sequence {seq}: {detail}")
 
 

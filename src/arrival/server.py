@@ -40,7 +40,7 @@ from arrival._wire import (
     to_plain,
 )
 from arrival.engine import DeadMessage
-from arrival.errors import ArrivalError, ClosedError, UsageError
+from arrival.errors import ArrivalError, ClosedError, StorageError, UsageError
 from arrival.model import QueueSpec
 from arrival.protocol import (
     SERVER,
@@ -786,7 +786,29 @@ async def _serve(
         ", token required" if token else "",
     )
     print(f"listening on {h}:{p}", flush=True)
+    # A storage failure stops the engine; the process stops too, so that whatever
+    # supervises it restarts it and recovery reads what the disk really holds (after a
+    # failed fsync, nothing in memory can be trusted to match it).
+    engine = backend.engine
+
+    def on_change() -> None:
+        if engine.failure is not None:
+            loop.call_soon_threadsafe(stop.set)
+
+    unwatch = engine.watch(on_change)
     await stop.wait()
-    log.info("shutting down: no new connections; releasing leases, flushing")
+    unwatch()
+    if engine.failure is not None:
+        log.critical(
+            "storage failure: %s; stopping, nothing unconfirmed was acknowledged", engine.failure
+        )
+    else:
+        log.info("shutting down: no new connections; releasing leases, flushing")
     await server.close()
+    if engine.failure is not None:
+        raise StorageError(
+            f"stopped after a storage failure ({engine.failure}); nothing unconfirmed was "
+            f"acknowledged. Check the disk, then start the server again: it recovers from "
+            f"what the disk holds"
+        )
     log.info("stopped cleanly")

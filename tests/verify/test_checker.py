@@ -195,3 +195,148 @@ def test_history_round_trips_as_json_lines() -> None:
 def test_unknown_guarantee_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown guarantee"):
         check([], "best-effort")
+
+
+def test_torn_transaction_acks_without_outputs() -> None:
+    """An input consumed by a transaction that may have committed, never seen again, and
+    none of whose outputs exists: the acks took effect without the outputs."""
+    txn = Txn(
+        time=2, end=2.1, tid="t", outcome="ok", inputs=[(Q, G, "p-1")], outputs=[("o", "p-1/0")]
+    )
+    base = [send("p-1"), deliver("p-1", 1)]
+    r = check([*base, txn], "exactly-once")
+    assert r.forbidden == {"torn-transaction": 1}
+    assert r.examples["torn-transaction"] == [(Q, G, "p-1", "acked without outputs")]
+    # the output is there: whole
+    out = Deliver(time=3, queue="o", group="i", session="c", id="p-1/0", key="k", attempt=1)
+    assert check([*base, txn, out], "exactly-once").ok
+    # a commit of unknown outcome whose input came back: nothing took effect, not torn
+    info = Txn(
+        time=2, end=2.1, tid="t", outcome="info", inputs=[(Q, G, "p-1")], outputs=[("o", "p-1/0")]
+    )
+    assert check([*base, info, deliver("p-1", 4, session="c2", attempt=2)], "exactly-once").ok
+    # ... or it was left for the final drain
+    assert check([*base, info, deliver("p-1", 4, session="drain", attempt=2)], "exactly-once").ok
+    # ... but one that never came back and left no output is torn
+    assert "torn-transaction" in check([*base, info], "exactly-once").forbidden
+
+
+def test_an_input_committed_by_two_transactions_is_a_duplicate_effect() -> None:
+    """Acks bound to their delivery attempt allow one commit per input: a late commit of a
+    stale attempt that is accepted shows as a second committed transaction."""
+
+    def commit(t: float, tid: str) -> Txn:
+        return Txn(
+            time=t,
+            end=t + 0.1,
+            tid=tid,
+            outcome="ok",
+            inputs=[(Q, G, "p-1")],
+            outputs=[("o", "p-1/0")],
+        )
+
+    out = Deliver(time=9, queue="o", group="i", session="c", id="p-1/0", key="k", attempt=1)
+    base = [send("p-1"), deliver("p-1", 1), deliver("p-1", 4, session="c2", attempt=2), out]
+    r = check([*base, commit(5, "t2"), commit(6, "t1")], "exactly-once")
+    assert r.forbidden == {"duplicate-effect": 1}
+    assert r.examples["duplicate-effect"] == [(Q, G, "p-1", "committed twice")]
+    assert check([*base, commit(5, "t2")], "exactly-once").ok
+    refused = Txn(
+        time=6, end=6.1, tid="t1", outcome="fail", inputs=[(Q, G, "p-1")], outputs=[("o", "p-1/0")]
+    )
+    assert check([*base, commit(5, "t2"), refused], "exactly-once").ok
+
+
+def test_liveness_is_forbidden_for_every_guarantee() -> None:
+    for g in RULES:
+        r = check([], g)
+        r.add("liveness", ["not settled"])
+        assert r.forbidden == {"liveness": 1}
+
+
+def test_a_delivery_recorded_late_is_ordered_by_its_attempt() -> None:
+    """A consumer paused right after a receive records attempt 1 after another consumer
+    got, acked and recorded attempt 2: the broker's order is by attempt, not by record."""
+    history = [
+        send("p-1"),
+        deliver("p-1", 5, session="c2", attempt=2),
+        ack("p-1", 5.1, session="c2", attempt=2),
+        deliver("p-1", 6, session="c1", attempt=1),  # handed out before the pause
+        ack("p-1", 6.1, outcome="fail", session="c1", attempt=1),
+    ]
+    r = check(history, "at-least-once")
+    assert r.ok, r.forbidden
+    assert r.counts["duplicate-delivery-explained"] == 1
+    # ... while a real redelivery after a successful ack is still caught
+    history[3] = deliver("p-1", 6, session="c1", attempt=3)
+    assert check(history, "at-least-once").forbidden == {"duplicate-delivery": 1}
+
+
+def test_reorder_is_judged_by_intervals_across_concurrent_consumers() -> None:
+    """Two consumers receive at once: the later message's receive returning first proves
+    nothing; only one that returned before the earlier one's receive began does."""
+    overlapping = [
+        send("p-1"),
+        send("p-2", t=1),
+        Deliver(time=5.2, queue=Q, group=G, session="c1", id="p-2", key="k", attempt=1, since=5.0),
+        Deliver(time=5.3, queue=Q, group=G, session="c2", id="p-1", key="k", attempt=1, since=5.1),
+    ]
+    assert check(overlapping, "at-most-once").ok
+    disjoint = [*overlapping[:3]]
+    disjoint.append(
+        Deliver(time=5.5, queue=Q, group=G, session="c2", id="p-1", key="k", attempt=1, since=5.25)
+    )
+    assert check(disjoint, "at-most-once").forbidden == {"reorder": 1}
+
+
+def test_acknowledged_delivered_and_missing_from_the_audit_is_observed_then_lost() -> None:
+    """A power cut that takes back a send acknowledged before its fsync: the consumers
+    saw it before the cut, so only the audit shows it is gone."""
+    history = [send("p-1"), send("p-2", t=1), deliver("p-1", 2), ack("p-1", 2.1)]
+    history += [deliver("p-2", 3), ack("p-2", 3.1)]
+    r = check([*history, Audit(stored=[(Q, "p-1")])], "at-least-once")
+    assert r.forbidden == {"observed-then-lost": 1}
+    assert r.examples["observed-then-lost"] == [(Q, "audit", "p-2")]
+    assert check([*history, Audit(stored=[(Q, "p-1"), (Q, "p-2")])], "at-least-once").ok
+    # a queue the audit does not cover, or an indeterminate send, proves nothing
+    assert check([*history, Audit(stored=[("other", "x")])], "at-least-once").ok
+    maybe = [send("p-1"), send("p-2", "info", t=1), *history[2:]]
+    assert check([*maybe, Audit(stored=[(Q, "p-1")])], "exactly-once").ok
+
+
+def test_one_message_acked_by_two_deliveries_is_a_duplicate_effect() -> None:
+    """A stale ack (its lease expired, the message redelivered) that is accepted."""
+    base = [send("p-1"), deliver("p-1", 1), deliver("p-1", 4, session="c2", attempt=2)]
+    late = ack("p-1", 5, attempt=1)
+    second = ack("p-1", 4.5, session="c2", attempt=2)
+    r = check([*base, second, late], "exactly-once")
+    assert r.forbidden == {"duplicate-effect": 1}
+    assert r.examples["duplicate-effect"] == [(Q, G, "p-1", "acked twice")]
+    refused = ack("p-1", 5, outcome="fail", attempt=1)
+    assert check([*base, second, refused], "exactly-once").ok
+    assert check([*base, second, late], "at-least-once").counts["duplicate-effect"] == 1
+
+
+def test_a_queue_the_store_lost_is_covered_by_the_audit() -> None:
+    history = [send("p-1"), deliver("p-1", 2), ack("p-1", 2.1)]
+    r = check([*history, Audit(stored=[], queues=[Q])], "at-least-once")
+    assert r.forbidden == {"observed-then-lost": 1}
+    assert check([*history, Audit(stored=[])], "at-least-once").ok  # covers nothing
+
+
+def test_an_ack_belongs_to_the_delivery_it_followed() -> None:
+    """A power cut takes back an at-least-once ack and the attempt count with it: the
+    broker hands out attempt 1 again. That second attempt 1's nack is what explains the
+    next redelivery, not the first attempt 1's (lost) ack."""
+    history = [
+        send("p-1"),
+        deliver("p-1", 1),
+        ack("p-1", 1.1),
+        Fault(time=2, kind="power-loss"),
+        deliver("p-1", 5),
+        ack("p-1", 5.1, kind="nack"),
+        deliver("p-1", 5.3, session="c2", attempt=2),
+    ]
+    r = check(history, "at-least-once")
+    assert r.ok, r.forbidden
+    assert r.counts["duplicate-delivery-explained"] == 2

@@ -193,6 +193,83 @@ def _bench_runs(
 
 
 @app.command()
+def verify(
+    guarantee: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--guarantee",
+            "-g",
+            help="at-most-once / at-least-once / exactly-once (repeatable; default: all)",
+        ),
+    ] = None,
+    duration: Annotated[float, typer.Option(help="seconds of faults per guarantee")] = 60.0,
+    faults: Annotated[
+        str,
+        typer.Option(
+            help="comma-separated: kill, power-loss, pause, pause-consumer, network, "
+            "kill-worker, disk (default: all; 'none' for a run without faults)"
+        ),
+    ] = "all",
+    seed: Annotated[int, typer.Option(help="seeds the fault schedule and the workload")] = 0,
+    interval: Annotated[float, typer.Option(help="mean seconds between faults")] = 2.0,
+    rate: Annotated[float, typer.Option(help="messages per second, all producers")] = 200.0,
+    workdir: Annotated[
+        str | None,
+        typer.Option(help="keep the run's files (data, logs, history.jsonl) in this new directory"),
+    ] = None,
+    canary: Annotated[
+        str | None,
+        typer.Option(help="test only: run a broken mode the checker must catch", hidden=True),
+    ] = None,
+    as_json: Json = False,
+) -> None:
+    """Prove the delivery contracts under faults: a workload against a real server,
+    crashes, power loss, pauses, network and disk faults, then a final drain and an
+    audit, checked anomaly by anomaly (docs/reliability.md). Exits 1 on any forbidden
+    anomaly."""
+    from arrival.cli.verify import verify as run_verify
+    from arrival.verify.runner import FAULTS, GUARANTEES, Options
+
+    chosen = guarantee or list(GUARANTEES)
+    for g in chosen:
+        if g not in GUARANTEES:
+            raise typer.BadParameter(f"{g!r}; choose from {', '.join(GUARANTEES)}")
+    if faults == "all":
+        kinds: tuple[str, ...] = FAULTS
+    elif faults == "none":
+        kinds = ()
+    else:
+        kinds = tuple(k.strip() for k in faults.split(",") if k.strip())
+        bad = [k for k in kinds if k not in FAULTS]
+        if bad:
+            raise typer.BadParameter(f"unknown faults {bad}; choose from {', '.join(FAULTS)}")
+    if duration <= 0 or interval <= 0 or rate <= 0:
+        raise typer.BadParameter("--duration, --interval and --rate must be positive")
+    if canary is not None:
+        from arrival.verify.runner import parse_canaries
+
+        try:
+            parse_canaries(canary)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+    options = [
+        Options(
+            guarantee=g,
+            duration=duration,
+            faults=kinds,
+            seed=seed,
+            interval=interval,
+            rate=rate,
+            workdir=None if workdir is None else f"{workdir}/{g}",
+            canary=canary,
+        )
+        for g in chosen
+    ]
+    if not run_verify(out, options, as_json):
+        raise typer.Exit(1)
+
+
+@app.command()
 def serve(
     data: Annotated[str, typer.Option("--data", help="data directory")] = "./data",
     listen: Annotated[

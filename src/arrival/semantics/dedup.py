@@ -108,6 +108,7 @@ class ProducerTable:
                 seq,
                 f"the last stored sequence is {st.last_seq}, so sends "
                 f"{st.last_seq + 1}..{seq - 1} were lost; resend them in order",
+                gap=True,
             )
         for s, q, off in st.recent:
             if s == seq:

@@ -33,6 +33,7 @@ from typing import Final
 
 import msgspec
 
+from arrival._canary import ON as _CANARIES
 from arrival.errors import AlreadySettled, LeaseExpired, StorageError
 from arrival.model import Backoff
 from arrival.semantics.retry import DeadLetter, decide_retry
@@ -339,6 +340,8 @@ class GroupState:
 
         Call ``expire(now)`` first so that a lease past its deadline is refused.
         """
+        if "unbound-acks" in _CANARIES:
+            return  # canary: any receipt goes
         self._current(off, attempt)
 
     def is_leased(self, off: int, attempt: int, now: float) -> bool:
@@ -359,12 +362,29 @@ class GroupState:
         for off, attempt in receipts:
             e = entries.get(off)
             if e is None or not e.leased or e.deliveries != attempt:
+                if "unbound-acks" in _CANARIES and self._canary_settle(off, e):
+                    continue
                 self._current(off, attempt)  # raises the precise error
                 raise AssertionError("unreachable")  # pragma: no cover
             e.leased = False
             self.in_flight -= 1
             self.n_acked += 1
             settle(off, e)
+
+    def _canary_settle(self, off: int, e: _Entry | None) -> bool:
+        """Canary unbound-acks: settle ``off`` whichever attempt holds it, and take a
+        receipt of a settled one as done."""
+        if off < self.floor or off in self.settled:
+            return True
+        if e is None:
+            return False
+        if e.leased:
+            e.leased = False
+            self.in_flight -= 1
+            self.n_acked += 1
+            self._settle(off, e)
+            return True
+        return self.settle_unleased(off)
 
     def nack(
         self, off: int, attempt: int, now: float, delay_s: float | None, error: str | None

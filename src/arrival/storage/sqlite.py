@@ -28,6 +28,7 @@ import zlib
 from pathlib import Path
 
 from arrival.errors import CorruptData, DataDirectoryInUse, StorageError
+from arrival.storage import faulty
 from arrival.storage.base import Loaded, WriteSet
 
 __all__ = ["SqliteStorage"]
@@ -53,7 +54,10 @@ CREATE TABLE IF NOT EXISTS idsets (queue TEXT NOT NULL, first INTEGER NOT NULL,
     last INTEGER NOT NULL, ts REAL NOT NULL, crc INTEGER NOT NULL, data BLOB NOT NULL,
     PRIMARY KEY (queue, first));
 """
+# SQLite's messages for a failing or full disk: not damage, so not CorruptData
+_IO_ERRORS = ("disk I/O error", "database or disk is full", "injected")
 FORMAT_KEY = "arrival.format"  # the store's own; never shown to or written by the caller
+_ACK_BEFORE_FSYNC = "ack-before-fsync" in faulty.CANARIES  # a canary: no commit is synced
 
 
 def _crc(data: bytes, *header: object) -> int:
@@ -69,7 +73,10 @@ def _blob(value: object, what: str) -> bytes:
     return value
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_dir(path: Path, test: faulty.Session | None = None) -> None:
+    if test is not None:
+        test.fsync_dir()  # the same fsync, and the powerloss mode learns of it
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -78,15 +85,23 @@ def _fsync_dir(path: Path) -> None:
 
 
 class SqliteStorage:
-    """A data directory holding ``arrival.db`` (SQLite, WAL mode) and ``LOCK``."""
+    """A data directory holding ``arrival.db`` (SQLite, WAL mode) and ``LOCK``.
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    ``test_mode`` (default: the environment variable ``ARRIVAL_STORAGE_TEST``, read by
+    ``load``) selects a storage test mode of ``faulty.py``, e.g. ``"powerloss"``; ``""``
+    turns it off whatever the environment says.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], test_mode: str | None = None) -> None:
         self.path = Path(path)
         self.syncs = 0
         self.commits = 0
         self._lock_fd: int | None = None
-        self._db: sqlite3.Connection | None = None
-        self._reader: sqlite3.Connection | None = None
+        self._db: faulty.Database | None = None
+        self._reader: faulty.Database | None = None
+        self._test_arg = test_mode
+        self._test_mode = None if test_mode is None else faulty.parse_test_mode(test_mode)
+        self._test: faulty.Session | None = None
         self._read_lock = threading.Lock()
         self._sync_mode: bool | None = None
 
@@ -96,10 +111,15 @@ class SqliteStorage:
 
     @property
     def description(self) -> dict[str, str]:
-        return {
+        facts = {
             "storage": f"SQLite WAL in {str(self.path)!r}",
             "fsync": "every durable commit (synchronous=FULL), shared by concurrent sends",
         }
+        if self._test_mode is not None:
+            facts["test mode"] = f"{self._test_mode} (faulty.py: not for real data)"
+        if _ACK_BEFORE_FSYNC:
+            facts["fsync"] = "never: canary ack-before-fsync"
+        return facts
 
     # -- open / close ----------------------------------------------------------------
 
@@ -128,10 +148,14 @@ class SqliteStorage:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
 
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(
-            self.path / DB_NAME, isolation_level=None, check_same_thread=False, timeout=30.0
-        )
+    def _connect(self) -> faulty.Database:
+        db: faulty.Database
+        if self._test is not None:
+            db = self._test.connect(self.path / DB_NAME, timeout_s=30.0)
+        else:
+            db = sqlite3.connect(
+                self.path / DB_NAME, isolation_level=None, check_same_thread=False, timeout=30.0
+            )
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
@@ -143,20 +167,35 @@ class SqliteStorage:
     def load(self) -> Loaded:
         if self._db is not None:
             raise StorageError(f"{self!r} is already open")
+        if self._test_arg is None:
+            self._test_mode = faulty.parse_test_mode(os.environ.get(faulty.ENV, ""))
         self._take_lock()
-        db: sqlite3.Connection | None = None
+        db: faulty.Database | None = None
         try:
-            fresh = not (self.path / DB_NAME).exists()
+            if self._test_mode is not None:
+                self._test = faulty.Session(self.path, self._test_mode, keep=(LOCK_NAME,))
             db = self._connect()
-            db.executescript(_SCHEMA)
+            # a new store is created in one transaction, tables and format row together:
+            # a crash in between would leave a store that is neither new nor valid
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                fresh = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
+                for statement in filter(str.strip, _SCHEMA.split(";")):
+                    db.execute(statement)
+                if fresh:
+                    db.execute(
+                        "INSERT INTO meta VALUES (?, ?, ?)",
+                        (FORMAT_KEY, _crc(FORMAT_VERSION, FORMAT_KEY), FORMAT_VERSION),
+                    )
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
             self._db = db
             self._reader = self._connect()
             if fresh:
-                db.execute(
-                    "INSERT INTO meta VALUES (?, ?, ?)",
-                    (FORMAT_KEY, _crc(FORMAT_VERSION, FORMAT_KEY), FORMAT_VERSION),
-                )
-                _fsync_dir(self.path)
+                _fsync_dir(self.path, self._test)
             return self._load(db)
         except sqlite3.OperationalError as exc:
             self._abort_open(db)
@@ -164,6 +203,11 @@ class SqliteStorage:
                 raise StorageError(
                     f"can't open {str(self.path / DB_NAME)!r}: {exc}; check that this user "
                     f"may read and write the data directory"
+                ) from exc
+            if any(m in str(exc) for m in _IO_ERRORS):
+                raise StorageError(
+                    f"can't open {str(self.path / DB_NAME)!r}: {exc}; the disk failed or is "
+                    f"full, the data is not known to be damaged: fix the disk and try again"
                 ) from exc
             raise self._damaged(exc) from exc
         except sqlite3.DatabaseError as exc:
@@ -179,13 +223,13 @@ class SqliteStorage:
             f"an arrival data directory; restore it from a backup or move it aside"
         )
 
-    def _abort_open(self, db: sqlite3.Connection | None) -> None:
+    def _abort_open(self, db: faulty.Database | None) -> None:
         if db is not None and db is not self._db:
             with contextlib.suppress(sqlite3.Error):
                 db.close()
         self.close()
 
-    def _load(self, db: sqlite3.Connection) -> Loaded:
+    def _load(self, db: faulty.Database) -> Loaded:
         meta: dict[str, bytes] = {}
         for key, crc, value in db.execute("SELECT key, crc, value FROM meta"):
             if _crc(_blob(value, f"meta {key!r}"), key) != crc:
@@ -238,6 +282,9 @@ class SqliteStorage:
                 with contextlib.suppress(sqlite3.Error):
                     conn.close()
         self._db = self._reader = None
+        if self._test is not None:
+            self._test.close()
+            self._test = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
@@ -248,24 +295,27 @@ class SqliteStorage:
         db = self._db
         if db is None:
             raise StorageError(f"{self!r} is closed")
+        sync = ws.sync and not _ACK_BEFORE_FSYNC
         try:
-            if self._sync_mode is not ws.sync:
-                db.execute("PRAGMA synchronous=FULL" if ws.sync else "PRAGMA synchronous=NORMAL")
-                self._sync_mode = ws.sync
+            if self._sync_mode is not sync:
+                db.execute("PRAGMA synchronous=FULL" if sync else "PRAGMA synchronous=NORMAL")
+                self._sync_mode = sync
             db.execute("BEGIN IMMEDIATE")
             try:
                 self._write(db, ws)
             except BaseException:
-                db.execute("ROLLBACK")
+                # SQLite may have rolled back already (after an I/O error): keep the cause
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
         except sqlite3.Error as exc:
             raise StorageError(f"commit to {str(self.path)!r} failed: {exc}") from exc
         self.commits += 1
-        self.syncs += ws.sync
+        self.syncs += sync
 
     @staticmethod
-    def _write(db: sqlite3.Connection, ws: WriteSet) -> None:
+    def _write(db: faulty.Database, ws: WriteSet) -> None:
         if ws.meta:
             if FORMAT_KEY in ws.meta:
                 raise StorageError(f"meta key {FORMAT_KEY!r} belongs to the store")

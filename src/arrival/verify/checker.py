@@ -6,24 +6,32 @@ definitions follow the verification design (docs/reliability.md):
 
 - lost: acknowledged, never delivered to a group by the end of the final drain.
 - observed-then-lost: delivered to a group, its ack never took effect (or may not
-  have), and missing from that group's final drain.
+  have), and missing from that group's final drain; or acknowledged, delivered, and
+  missing from the audit.
 - phantom: delivered but never sent; corrupt: a body that does not match its id.
 - aborted-read: delivered although every send of it definitely failed, or it is an
   output only of transactions that definitely failed.
 - dirty-read: a transaction's output delivered before its commit was even invoked.
-- torn-transaction: some but not all of a transaction's outputs visible.
+- torn-transaction: some but not all of a transaction's outputs visible; or its acks
+  in effect without its outputs: an input that was consumed in a transaction that may
+  have committed, never delivered again nor left for the final drain, and none of whose
+  outputs is visible anywhere.
 - duplicate-in-storage: one id stored twice in a queue (the audit).
 - duplicate-delivery: one id delivered twice to one group, and nothing explains it: the
   earlier delivery's ack had committed (exactly-once: after any committed ack), with no
   fault in between. ``duplicate-delivery-explained``: a nack, a lease that ran out (no
   ack), an ack that failed or may not have taken effect, or a fault in between.
-- duplicate-effect: two effects (inbox rows) for one input.
+- duplicate-effect: two effects (inbox rows) for one input, one message acked
+  successfully by two of its deliveries, or one input acked by two committed
+  transactions.
 - reorder: within a key and a producer, first deliveries out of send order.
 - zombie-write: a send or commit accepted from an epoch fenced before it began.
+- liveness: the run did not settle within its heal deadline (added by the runner).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -46,11 +54,13 @@ ANOMALIES = (
     "duplicate-effect",
     "reorder",
     "zombie-write",
+    "liveness",
 )
 
 F, C = "forbidden", "counted"
 RULES: dict[str, dict[str, str]] = {
     "at-most-once": {
+        "liveness": F,
         "lost": C,
         "phantom": F,
         "corrupt": F,
@@ -61,6 +71,7 @@ RULES: dict[str, dict[str, str]] = {
         "reorder": F,
     },
     "at-least-once": {
+        "liveness": F,
         "lost": F,
         "observed-then-lost": F,
         "phantom": F,
@@ -73,6 +84,7 @@ RULES: dict[str, dict[str, str]] = {
         "reorder": F,
     },
     "exactly-once": {
+        "liveness": F,
         "lost": F,
         "observed-then-lost": F,
         "phantom": F,
@@ -137,6 +149,7 @@ def check(events: Iterable[Event], guarantee: str) -> Report:
     effects: list[Effect] = []
     faults: list[Fault] = []
     stored: list[tuple[str, str]] | None = None
+    covered: set[str] = set()  # the queues the audit covers
     for e in events:
         if isinstance(e, Send):
             sends.append(e)
@@ -154,6 +167,7 @@ def check(events: Iterable[Event], guarantee: str) -> Report:
             registers.append(e)
         elif isinstance(e, Audit):
             stored = (stored or []) + [tuple(s) for s in e.stored]  # type: ignore[misc]
+            covered.update(e.queues)
     report = Report(guarantee)
     report.faults = dict(Counter(f.kind for f in faults))
     report.sends = dict(Counter(s.outcome for s in sends))
@@ -200,16 +214,25 @@ def check(events: Iterable[Event], guarantee: str) -> Report:
             for q, g, mid in t.inputs:
                 key = (q, g, mid)
                 committed_at[key] = min(committed_at.get(key, t.end), t.end)
-    report.add(
-        "observed-then-lost",
-        [
-            (q, g, mid)
-            for (q, g), seen in sorted(by_group.items())
-            if (q, g) in drained
-            for mid in sorted(seen)
-            if (q, g, mid) not in settled and mid not in drained[(q, g)]
-        ],
-    )
+    observed_then_lost = [
+        (q, g, mid)
+        for (q, g), seen in sorted(by_group.items())
+        if (q, g) in drained
+        for mid in sorted(seen)
+        if (q, g, mid) not in settled and mid not in drained[(q, g)]
+    ]
+    # ... or acknowledged, delivered, and then missing from the audit (which lists every
+    # message of the queues it covers: the runs keep what they store)
+    if stored is not None:
+        audited = covered | {q for q, _ in stored}
+        kept = set(stored)
+        delivered = {(d.queue, d.id) for d in delivers}
+        observed_then_lost += [
+            (q, "audit", mid)
+            for q, mid in sorted(acknowledged)
+            if q in audited and (q, mid) not in kept and (q, mid) in delivered
+        ]
+    report.add("observed-then-lost", observed_then_lost)
 
     # phantom, corrupt, aborted and dirty reads
     report.add("phantom", sorted({(d.queue, d.id) for d in delivers} - set(outcomes)))
@@ -228,62 +251,101 @@ def check(events: Iterable[Event], guarantee: str) -> Report:
 
     # torn transactions: some, not all, of its outputs visible
     visible = {(d.queue, d.id) for d in delivers} | set(stored or [])
-    torn = []
+    torn: list[object] = []
     for t in txns:
         shown = [o for o in t.outputs if tuple(o) in visible]
         if 0 < len(shown) < len(t.outputs):
             torn.append((t.tid, len(shown), len(t.outputs)))
+    # ... or its acks without its outputs
+    outputs_of: dict[tuple[str, str, str], set[tuple[str, str]]] = defaultdict(set)
+    consumed_at: dict[tuple[str, str, str], float] = {}
+    for t in txns:
+        for i in t.inputs:
+            key = (i[0], i[1], i[2])
+            outputs_of[key].update((q, mid) for q, mid in t.outputs)
+            if t.outcome in ("ok", "info") and t.outputs:
+                consumed_at[key] = max(consumed_at.get(key, t.time), t.time)
+    last_delivered: dict[tuple[str, str, str], float] = {}
+    for d in delivers:
+        last_delivered[(d.queue, d.group, d.id)] = d.time
+    for key, t_consumed in sorted(consumed_at.items()):
+        q, g, mid = key
+        if last_delivered.get(key, 0.0) > t_consumed or mid in drained.get((q, g), ()):
+            continue  # it came back: the ack did not take effect
+        if not any(o in visible for o in outputs_of[key]):
+            torn.append((q, g, mid, "acked without outputs"))
     report.add("torn-transaction", torn)
 
-    # duplicates in storage and of effects
+    # duplicates in storage and of effects: two effect rows, two successful acks of one
+    # message by different deliveries, two committed transactions consuming one input
+    ok_acks: dict[tuple[str, str, str], set[tuple[str, int]]] = defaultdict(set)
+    for a in acks:
+        if a.kind == "ack" and a.outcome == "ok":
+            ok_acks[(a.queue, a.group, a.id)].add((a.session, a.attempt))
     if stored is not None:
         report.add("duplicate-in-storage", [k for k, n in Counter(stored).items() if n > 1])
     report.add(
         "duplicate-effect",
-        [k for k, n in Counter((e.queue, e.group, e.id, e.name) for e in effects).items() if n > 1],
+        [k for k, n in Counter((e.queue, e.group, e.id, e.name) for e in effects).items() if n > 1]
+        + [(*k, "acked twice") for k, deliveries in sorted(ok_acks.items()) if len(deliveries) > 1]
+        + [
+            (*k, "committed twice")
+            for k, n in Counter(
+                (q, g, mid) for t in txns if t.outcome == "ok" for q, g, mid in t.inputs
+            ).items()
+            if n > 1
+        ],
     )
 
     # duplicate deliveries, explained or not
     ack_of: dict[tuple[str, str, str, str, int], list[Ack]] = defaultdict(list)
     for a in acks:
         ack_of[(a.queue, a.group, a.session, a.id, a.attempt)].append(a)
-    firsts: dict[tuple[str, str, str], Deliver] = {}
+    # a message's deliveries in the broker's order: by attempt (a consumer may record a
+    # delivery late, after a pause), then by time (attempts restart after a crash)
+    copies: dict[tuple[str, str, str], list[Deliver]] = defaultdict(list)
+    for d in delivers:
+        copies[(d.queue, d.group, d.id)].append(d)
     unexplained: list[object] = []
     explained: list[object] = []
-    for d in delivers:
-        key = (d.queue, d.group, d.id)
-        first = firsts.get(key)
-        if first is None:
-            firsts[key] = d
-            continue
-        fault_between = any(first.time < ft <= d.time for ft in fault_times)
-        settle = ack_of.get((first.queue, first.group, first.session, first.id, first.attempt))
-        acked_ok = any(
-            a.kind == "ack" and a.outcome == "ok" and a.end <= d.time for a in settle or []
-        )
-        committed = key in committed_at and committed_at[key] <= d.time
-        # exactly-once: never after a committed ack; else only an ack no fault undid
-        bad = committed if guarantee == "exactly-once" else acked_ok and not fault_between
-        (unexplained if bad else explained).append((d.queue, d.group, d.id, d.attempt))
-        firsts[key] = d
+    for key, ds in copies.items():
+        ds.sort(key=lambda d: (d.attempt, d.time))
+        for first, d in itertools.pairwise(ds):
+            fault_between = any(first.time < ft <= d.time for ft in fault_times)
+            # the acks of that delivery: its session and attempt, made after it (after a
+            # crash the broker may hand out the same attempt number again)
+            settle = ack_of.get((first.queue, first.group, first.session, first.id, first.attempt))
+            acked_ok = any(
+                a.kind == "ack" and a.outcome == "ok" and first.time <= a.time and a.end <= d.time
+                for a in settle or []
+            )
+            committed = key in committed_at and committed_at[key] <= d.time
+            # exactly-once: never after a committed ack; else only an ack no fault undid
+            bad = committed if guarantee == "exactly-once" else acked_ok and not fault_between
+            (unexplained if bad else explained).append((d.queue, d.group, d.id, d.attempt))
     report.add("duplicate-delivery", unexplained)
     report.add("duplicate-delivery-explained", explained)
 
-    # reorder: per key and producer, first deliveries out of counter order
-    last: dict[tuple[str, str, str, str], int] = {}
+    # reorder: per key and producer, a later message's first delivery surely before an
+    # earlier one's: its receive returned before the other's receive was even called
+    streams: dict[tuple[str, str, str, str], list[tuple[int, float, float, str]]] = defaultdict(
+        list
+    )
+    for (q, g, mid), ds in copies.items():
+        d = ds[0]
+        pc = _producer_and_counter(mid)
+        if pc is not None:
+            streams[(q, g, d.key, pc[0])].append((pc[1], d.since or d.time, d.time, mid))
     reordered = []
-    seen_first: set[tuple[str, str, str]] = set()
-    for d in delivers:
-        if (d.queue, d.group, d.id) in seen_first:
-            continue
-        seen_first.add((d.queue, d.group, d.id))
-        pc = _producer_and_counter(d.id)
-        if pc is None:
-            continue
-        k = (d.queue, d.group, d.key, pc[0])
-        if k in last and pc[1] < last[k]:
-            reordered.append((d.queue, d.group, d.key, d.id))
-        last[k] = max(last.get(k, pc[1]), pc[1])
+    for (q, g, k, _p), items in sorted(streams.items()):
+        by_time = sorted(items, key=lambda it: it[2])
+        j, highest = 0, -1
+        for counter, since, _t, mid in sorted(items, key=lambda it: it[1]):
+            while j < len(by_time) and by_time[j][2] < since:
+                highest = max(highest, by_time[j][0])
+                j += 1
+            if highest > counter:
+                reordered.append((q, g, k, mid))
     report.add("reorder", reordered)
 
     # zombie writes: accepted from an epoch fenced before the write began

@@ -43,6 +43,7 @@ class Send(msgspec.Struct, tag="send", frozen=True):
     outcome: Outcome
     producer: str = ""
     epoch: int = 0  # the producer's epoch, for fencing (0: not idempotent)
+    error: str = ""  # the error's type and message, when it did not end ok
 
 
 class Register(msgspec.Struct, tag="register", frozen=True):
@@ -55,6 +56,8 @@ class Register(msgspec.Struct, tag="register", frozen=True):
 
 
 class Deliver(msgspec.Struct, tag="deliver", frozen=True):
+    """A delivery, recorded at ``time`` once the receive returned."""
+
     time: float
     queue: str
     group: str
@@ -63,6 +66,7 @@ class Deliver(msgspec.Struct, tag="deliver", frozen=True):
     key: str
     attempt: int
     intact: bool = True  # the body matches the id
+    since: float = 0.0  # when the receive was called (0: unknown): it happened in [since, time]
 
 
 class Ack(msgspec.Struct, tag="ack", frozen=True):
@@ -102,9 +106,11 @@ class Effect(msgspec.Struct, tag="effect", frozen=True):
 
 
 class Audit(msgspec.Struct, tag="audit", frozen=True):
-    """What the broker stores at the end: (queue, id) once per stored copy."""
+    """What the broker stores at the end: (queue, id) once per stored copy, for every
+    message of the queues listed (a run keeps what it stores: no retention trims)."""
 
     stored: list[tuple[str, str]]
+    queues: list[str] = []  # the queues it covers (a queue the store lost is empty)
 
 
 class Fault(msgspec.Struct, tag="fault", frozen=True):
