@@ -49,6 +49,8 @@ def test_smoke_every_guarantee_holds_under_every_fault(tmp_path: Path) -> None:
         fired = {k.split("/")[0] for k, n in rep.faults.items() if n}
         # with the power-loss mode on, every server kill is a power cut
         expected = set(FAULTS) - {"kill"}
+        if rep.guarantee == "at-most-once":
+            expected.discard("corrupt")  # kept in memory: no data directory to damage
         assert expected <= fired, (rep.guarantee, rep.faults)
         assert len(r.recoveries) >= 1
         assert r.history is not None

@@ -35,6 +35,14 @@ Url = Annotated[
     ),
 ]
 Json = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+Guarantees = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--guarantee",
+        "-g",
+        help="at-most-once / at-least-once / exactly-once (repeatable; default: all)",
+    ),
+]
 
 
 def _connect(url: str) -> arrival.Broker:
@@ -55,14 +63,7 @@ def demo(
 
 @app.command()
 def bench(
-    guarantee: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--guarantee",
-            "-g",
-            help="at-most-once / at-least-once / exactly-once (repeatable; default: all)",
-        ),
-    ] = None,
+    guarantee: Guarantees = None,
     count: Annotated[int, typer.Option(help="messages per run")] = 200_000,
     size: Annotated[int, typer.Option(help="body size in bytes")] = 100,
     batch: Annotated[int, typer.Option(help="messages per send_batch / receive_batch")] = 1000,
@@ -194,14 +195,7 @@ def _bench_runs(
 
 @app.command()
 def verify(
-    guarantee: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--guarantee",
-            "-g",
-            help="at-most-once / at-least-once / exactly-once (repeatable; default: all)",
-        ),
-    ] = None,
+    guarantee: Guarantees = None,
     duration: Annotated[float, typer.Option(help="seconds of faults per guarantee")] = 60.0,
     faults: Annotated[
         str,

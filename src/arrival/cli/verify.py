@@ -28,6 +28,7 @@ _ROWS = (
     ("torn-transaction", "torn transactions"),
     ("zombie-write", "zombie writes"),
     ("liveness", "liveness"),
+    ("silent-corruption", "damaged copies served silently"),
 )
 
 

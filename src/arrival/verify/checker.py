@@ -27,6 +27,8 @@ definitions follow the verification design (docs/reliability.md):
 - reorder: within a key and a producer, first deliveries out of send order.
 - zombie-write: a send or commit accepted from an epoch fenced before it began.
 - liveness: the run did not settle within its heal deadline (added by the runner).
+- silent-corruption: a damaged copy of the data directory opened and read without an
+  error, but not as the audit found it (added by the runner).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ ANOMALIES = (
     "reorder",
     "zombie-write",
     "liveness",
+    "silent-corruption",
 )
 
 F, C = "forbidden", "counted"
@@ -72,6 +75,7 @@ RULES: dict[str, dict[str, str]] = {
     },
     "at-least-once": {
         "liveness": F,
+        "silent-corruption": F,
         "lost": F,
         "observed-then-lost": F,
         "phantom": F,
@@ -85,6 +89,7 @@ RULES: dict[str, dict[str, str]] = {
     },
     "exactly-once": {
         "liveness": F,
+        "silent-corruption": F,
         "lost": F,
         "observed-then-lost": F,
         "phantom": F,

@@ -41,7 +41,7 @@ import msgspec
 
 import arrival
 from arrival._canary import parse as parse_canaries
-from arrival.errors import UnknownQueue
+from arrival.errors import ArrivalError, UnknownQueue
 from arrival.verify.checker import Report, check
 from arrival.verify.history import (
     Ack,
@@ -61,9 +61,21 @@ from arrival.verify.workload import intact
 __all__ = ["FAULTS", "GUARANTEES", "Options", "Result", "parse_canaries", "run"]
 
 GUARANTEES = ("at-most-once", "at-least-once", "exactly-once")
-FAULTS = ("kill", "power-loss", "pause", "pause-consumer", "network", "kill-worker", "disk")
+FAULTS = (
+    "kill",
+    "power-loss",
+    "pause",
+    "pause-consumer",
+    "network",
+    "kill-worker",
+    "disk",
+    "corrupt",
+)
 """Fault kinds ``--faults`` may name. ``power-loss`` runs the server in the storage test
-mode that keeps un-fsynced writes in memory, so every server kill is a power cut."""
+mode that keeps un-fsynced writes in memory, so every server kill is a power cut.
+``corrupt`` runs after the audit, on copies of the stopped server's data directory:
+bytes flipped or the file cut short, then opened and read in full."""
+CORRUPTION_TRIALS = 12
 
 ACK_TIMEOUT_S = 2.0  # the verify queues' lease: pauses are 0.5-3x this
 NETWORK_FAULTS = ("cut", "cut-mid-frame", "split", "delay", "blackhole", "half-open")
@@ -296,6 +308,7 @@ class _Run:
         self.proxy: FaultProxy | None = None
         self.effects = root / "effects.db"
         self.queues: list[tuple[str, str]] = []  # (queue, group) the drain reads
+        self.stored: list[tuple[str, str, bool]] = []  # the audit: (queue, id, intact)
 
     def fault(self, kind: str, detail: str = "", session: str = "") -> None:
         self.faults.append(Fault(time.monotonic(), kind, detail, session))
@@ -453,7 +466,8 @@ class _Run:
         o = self.o
         t0 = time.monotonic()
         end = t0 + o.duration
-        kinds = [k for k in o.faults if k != "power-loss"] or list(o.faults)
+        live = [k for k in o.faults if k != "corrupt"]
+        kinds = [k for k in live if k != "power-loss"] or live
         if "power-loss" in o.faults:
             kinds = ["power-loss" if k == "kill" else k for k in kinds]
             if "power-loss" not in kinds:
@@ -558,12 +572,10 @@ class _Run:
                 c.close()
         return events
 
-    def audit(self) -> list[Event]:
-        self.server.stop()
-        if self.o.guarantee == "at-most-once":
-            return []  # at-most-once queues are kept in memory: nothing to audit
-        stored: list[tuple[str, str]] = []
-        with arrival.connect(str(self.server.data)) as b:
+    def read_store(self, data: Path) -> list[tuple[str, str, bool]]:
+        """Every message stored in ``data``: (queue, id, body intact)."""
+        out: list[tuple[str, str, bool]] = []
+        with arrival.connect(str(data)) as b:
             present = set(b.queues())
             for queue, _group in self.queues:
                 if queue not in present:
@@ -574,8 +586,19 @@ class _Run:
                     page = b.peek(queue, 1000, start=off)
                     if not page:
                         break
-                    stored += [(queue, m.id or "") for m in page]
+                    out += [
+                        (queue, m.id or "", intact(m.id or "", m.key or "", m.body, self.o.size))
+                        for m in page
+                    ]
                     off = page[-1].offset + 1
+        return out
+
+    def audit(self) -> list[Event]:
+        self.server.stop()
+        if self.o.guarantee == "at-most-once":
+            return []  # at-most-once queues are kept in memory: nothing to audit
+        self.stored = self.read_store(self.server.data)
+        stored = [(q, mid) for q, mid, _ in self.stored]
         events: list[Event] = [Audit(stored, [q for q, _ in self.queues])]
         if self.effects.exists():
             db = sqlite3.connect(self.effects)
@@ -585,6 +608,44 @@ class _Run:
                 db.close()
             events += [Effect(q, g, mid) for q, g, mid in rows]
         return events
+
+    def corruption(self) -> list[object]:
+        """Damage copies of the data directory (bytes flipped, or the database cut
+        short), open each and read it in full: it must be refused loudly, or read back
+        exactly as the audit found it. Returns the copies served silently wrong."""
+        silent: list[object] = []
+        db = self.server.data / "arrival.db"
+        if self.o.guarantee == "at-most-once" or not db.exists():
+            return silent
+        expected = sorted(self.stored)
+        for trial in range(CORRUPTION_TRIALS):
+            copy = self.root / f"corrupt-{trial}"
+            shutil.copytree(self.server.data, copy, ignore=shutil.ignore_patterns("LOCK"))
+            target = copy / "arrival.db"
+            size = target.stat().st_size
+            if self.rng.random() < 0.5:
+                flips = self.rng.randint(1, 8)
+                with open(target, "r+b") as f:
+                    for _ in range(flips):
+                        f.seek(self.rng.randrange(size))
+                        byte = f.read(1)
+                        f.seek(-1, os.SEEK_CUR)
+                        f.write(bytes([byte[0] ^ (1 << self.rng.randrange(8))]))
+                what = f"{flips} bit(s) flipped"
+            else:
+                cut = self.rng.randrange(size)
+                os.truncate(target, cut)
+                what = f"cut to {cut} of {size} bytes"
+            try:
+                found = sorted(self.read_store(copy))
+            except ArrivalError as exc:
+                self.fault("corrupt", f"{what}: refused ({type(exc).__name__})")
+            else:
+                self.fault("corrupt", f"{what}: read back whole" if found == expected else what)
+                if found != expected:
+                    silent.append((trial, what, len(expected), len(found)))
+            shutil.rmtree(copy, ignore_errors=True)
+        return silent
 
     def close(self) -> None:
         self.workers.stop(self.workers.all, timeout=5.0)
@@ -657,6 +718,11 @@ def run(opts: Options) -> Result:
         t = time.monotonic()
         audited = r.audit()
         phases["audit"] = time.monotonic() - t
+        silent: list[object] = []
+        if "corrupt" in opts.faults:
+            t = time.monotonic()
+            silent = r.corruption()
+            phases["corruption"] = time.monotonic() - t
     finally:
         r.close()
     end = time.monotonic()
@@ -664,6 +730,7 @@ def run(opts: Options) -> Result:
     report = check(events, opts.guarantee)
     if not settled:
         report.add("liveness", [f"not settled {opts.heal_deadline:.0f} s after the faults"])
+    report.add("silent-corruption", silent)
     history = root / "history.jsonl"
     events.sort(key=lambda e: getattr(e, "time", end))
     with open(history, "wb") as f:
