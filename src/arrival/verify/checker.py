@@ -246,11 +246,16 @@ def check(events: Iterable[Event], guarantee: str) -> Report:
         "aborted-read",
         sorted({(d.queue, d.id) for d in delivers if outcomes.get((d.queue, d.id)) == {"fail"}}),
     )
+    first_sent: dict[tuple[str, str], float] = {}
+    for s in sends:
+        qid = (s.queue, s.id)
+        first_sent[qid] = min(first_sent.get(qid, s.time), s.time)
     dirty = []
     for d in delivers:
         ts = txn_outputs.get((d.queue, d.id))
-        sent_before = any(s.queue == d.queue and s.id == d.id and s.time <= d.time for s in sends)
-        if ts and not sent_before and all(d.time < t.time for t in ts):
+        if not ts or first_sent.get((d.queue, d.id), d.time + 1) <= d.time:
+            continue  # not a transaction's output, or also sent on its own before
+        if all(d.time < t.time for t in ts):
             dirty.append((d.queue, d.group, d.id))
     report.add("dirty-read", dirty)
 

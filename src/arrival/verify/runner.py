@@ -251,7 +251,7 @@ class _Workers:
             cfg["name"] = w.session  # message ids are unique across incarnations
         with open(self.log, "ab") as log:
             w.proc = subprocess.Popen(
-                [sys.executable, "-m", "arrival.verify.workload", w.role, json.dumps(cfg)],
+                [sys.executable, "-m", "arrival.verify", w.role, json.dumps(cfg)],
                 stdout=subprocess.DEVNULL,
                 stderr=log,
             )

@@ -1,7 +1,7 @@
 """The verify workload: producers and consumers as separate processes, each writing its
 own history file.
 
-    python -m arrival.verify.workload ROLE CONFIG-JSON
+    python -m arrival.verify ROLE CONFIG-JSON
 
 Roles: ``producer`` (uniquely numbered messages over 16-32 keys, open loop),
 ``consumer`` (receive, check, ack or nack), ``ctp`` (exactly-once
@@ -26,7 +26,6 @@ import os
 import random
 import signal
 import sqlite3
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -109,6 +108,18 @@ def now() -> float:
     return time.monotonic()
 
 
+def connect(url: str, patience: float = 60.0) -> arrival.Broker:
+    """Connect, waiting out a server that is down (a worker may start during a restart)."""
+    deadline = now() + patience
+    while True:
+        try:
+            return arrival.connect(url)
+        except ArrivalError:
+            if now() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 # -- producer ------------------------------------------------------------------------
 
 
@@ -122,7 +133,7 @@ def producer(cfg: dict[str, Any]) -> None:
     keys = [f"k{i}" for i in range(cfg["keys"])]
     per_key = cfg["rate"] / len(keys)
     until = cfg["until"]
-    broker = arrival.connect(cfg["url"])
+    broker = connect(cfg["url"])
     prod = broker.producer(id=cfg["producer_id"]) if cfg.get("producer_id") else None
     send = prod.send if prod is not None else broker.producer().send
     counter = iter(range(1 << 62))
@@ -217,7 +228,7 @@ def consumer(cfg: dict[str, Any]) -> None:
     session, size = cfg["session"], cfg["size"]
     rng = random.Random(f"{cfg['seed']}-{session}")
     acks = cfg["guarantee"] != "at-most-once"
-    broker = arrival.connect(cfg["url"])
+    broker = connect(cfg["url"])
     cons = broker.consumer(cfg["queue"], cfg["group"])
     while not stop:
         since = now()
@@ -262,7 +273,7 @@ def ctp(cfg: dict[str, Any]) -> None:
     stop = _Stop()
     hist = History(cfg["history"])
     session, size, out_q, tid = cfg["session"], cfg["size"], cfg["output"], cfg["tid"]
-    broker = arrival.connect(cfg["url"])
+    broker = connect(cfg["url"])
     cons = broker.consumer(cfg["queue"], cfg["group"])
 
     def handler(msg: arrival.Message, out: arrival.Outputs) -> None:
@@ -315,7 +326,7 @@ def inbox(cfg: dict[str, Any]) -> None:
     db.execute("CREATE TABLE IF NOT EXISTS effects (queue TEXT, grp TEXT, id TEXT)")
     db.commit()
     box = arrival.inbox(db)
-    broker = arrival.connect(cfg["url"])
+    broker = connect(cfg["url"])
     cons = broker.consumer(cfg["queue"], cfg["group"])
     while not stop:
         since = now()
@@ -349,9 +360,5 @@ ROLES: dict[str, Callable[[dict[str, Any]], None]] = {
 
 def main(argv: list[str]) -> None:
     if len(argv) != 2 or argv[0] not in ROLES:
-        raise SystemExit(f"usage: python -m arrival.verify.workload {{{','.join(ROLES)}}} JSON")
+        raise SystemExit(f"usage: python -m arrival.verify {{{','.join(ROLES)}}} JSON")
     ROLES[argv[0]](json.loads(argv[1]))
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
