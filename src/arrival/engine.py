@@ -79,7 +79,7 @@ SNAPSHOT_EVERY = 256  # group deltas between snapshots: bounds recovery time and
 CACHE_MESSAGES = 262_144  # decoded messages kept in memory; older batches are re-read
 FLOOR_TICK_S = 1.0  # retention is kept to this precision; bounds floor_times to one per s
 HOUSEKEEPING_S = 0.25  # how often the writer expires leases and trims when idle
-CANARY_GAP_S = 0.05  # canaries only: how late the broken step comes (arrival._canary)
+CANARY_GAP_S = 0.25  # canaries only: how late the broken step comes (arrival._canary)
 DEDUP_EXPIRY_S = 1.0  # how often idle producers and old message ids are forgotten
 
 # provenance headers of dead-lettered messages

@@ -340,3 +340,23 @@ def test_an_ack_belongs_to_the_delivery_it_followed() -> None:
     r = check(history, "at-least-once")
     assert r.ok, r.forbidden
     assert r.counts["duplicate-delivery-explained"] == 2
+
+
+def test_a_redelivery_handed_out_before_the_committed_ack_is_not_after_it() -> None:
+    """Attempt 2 goes to a consumer whose receive returns late; meanwhile attempt 3 is
+    handed to another and its ack commits. Attempt 2 was handed out before that commit
+    (its receive began before), so it is no duplicate after a committed ack."""
+    history = [
+        send("p-1"),
+        deliver("p-1", 1, attempt=1),
+        ack("p-1", 1.1, outcome="fail", attempt=1),
+        Deliver(time=5.0, queue=Q, group=G, session="c1", id="p-1", key="k", attempt=3, since=4.9),
+        ack("p-1", 5.0, attempt=3),
+        Deliver(time=5.5, queue=Q, group=G, session="c2", id="p-1", key="k", attempt=2, since=4.8),
+    ]
+    assert check(history, "exactly-once").ok
+    # a delivery whose receive began after the commit returned is a duplicate
+    history.append(
+        Deliver(time=6.0, queue=Q, group=G, session="c2", id="p-1", key="k", attempt=4, since=5.9)
+    )
+    assert check(history, "exactly-once").forbidden == {"duplicate-delivery": 1}

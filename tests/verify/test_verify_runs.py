@@ -81,7 +81,7 @@ CANARIES = [
 def test_every_canary_is_caught(
     tmp_path: Path, canary: str, guarantee: str, faults: tuple[str, ...], anomalies: set[str]
 ) -> None:
-    """One at a time: a canary's window is short (50 ms for the late steps), and runs
+    """One at a time: a canary's window is short (250 ms for the late steps), and runs
     side by side on two cores would starve the very traffic that falls into it."""
     r = run(
         Options(

@@ -325,11 +325,13 @@ def check(events: Iterable[Event], guarantee: str) -> Report:
             # the acks of that delivery: its session and attempt, made after it (after a
             # crash the broker may hand out the same attempt number again)
             settle = ack_of.get((first.queue, first.group, first.session, first.id, first.attempt))
+            # surely after: the redelivery's receive began once the ack had returned
+            began = d.since or d.time
             acked_ok = any(
-                a.kind == "ack" and a.outcome == "ok" and first.time <= a.time and a.end <= d.time
+                a.kind == "ack" and a.outcome == "ok" and first.time <= a.time and a.end <= began
                 for a in settle or []
             )
-            committed = key in committed_at and committed_at[key] <= d.time
+            committed = key in committed_at and committed_at[key] <= began
             # exactly-once: never after a committed ack; else only an ack no fault undid
             bad = committed if guarantee == "exactly-once" else acked_ok and not fault_between
             (unexplained if bad else explained).append((d.queue, d.group, d.id, d.attempt))
