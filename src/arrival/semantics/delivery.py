@@ -362,29 +362,24 @@ class GroupState:
         for off, attempt in receipts:
             e = entries.get(off)
             if e is None or not e.leased or e.deliveries != attempt:
-                if "unbound-acks" in _CANARIES and self._canary_settle(off, e):
-                    continue
-                self._current(off, attempt)  # raises the precise error
-                raise AssertionError("unreachable")  # pragma: no cover
+                if not ("unbound-acks" in _CANARIES and self._canary_accepts(off, e)):
+                    self._current(off, attempt)  # raises the precise error
+                    raise AssertionError("unreachable")  # pragma: no cover
+                if e is None or not e.leased:
+                    continue  # canary: settled already
             e.leased = False
             self.in_flight -= 1
             self.n_acked += 1
             settle(off, e)
 
-    def _canary_settle(self, off: int, e: _Entry | None) -> bool:
-        """Canary unbound-acks: settle ``off`` whichever attempt holds it, and take a
-        receipt of a settled one as done."""
+    def _canary_accepts(self, off: int, e: _Entry | None) -> bool:
+        """Canary unbound-acks: a receipt of any attempt goes. One leased by another
+        attempt is settled by the caller; one waiting for redelivery is settled here."""
         if off < self.floor or off in self.settled:
             return True
         if e is None:
             return False
-        if e.leased:
-            e.leased = False
-            self.in_flight -= 1
-            self.n_acked += 1
-            self._settle(off, e)
-            return True
-        return self.settle_unleased(off)
+        return e.leased or self.settle_unleased(off)
 
     def nack(
         self, off: int, attempt: int, now: float, delay_s: float | None, error: str | None

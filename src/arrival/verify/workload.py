@@ -20,6 +20,7 @@ Times are ``time.monotonic()``: one clock for every process of the machine.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -29,15 +30,13 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
 import arrival
 from arrival.errors import (
-    AlreadySettled,
     ArrivalError,
-    LeaseExpired,
     MessageTooLarge,
     ProducerFenced,
     ReceiptError,
@@ -202,22 +201,23 @@ def _deliver(
 
 def _settle(
     hist: History,
-    msg: arrival.Message,
+    msgs: list[arrival.Message],
     session: str,
-    kind: str,
+    kind: Literal["ack", "nack"],
     call: Callable[[], None],
 ) -> None:
+    """Settle ``msgs`` with ``call`` (one ack, nack or ack_batch), recording each
+    message's settle before the call, as indeterminate, and after it with its outcome."""
     t = now()
-    ack_kind: Any = kind
-    hist.add(Ack(t, 0.0, msg.queue, msg.group, session, msg.id, msg.attempt, "info", ack_kind))
+    for m in msgs:
+        hist.add(Ack(t, 0.0, m.queue, m.group, session, m.id, m.attempt, "info", kind))
     outcome: Outcome = "ok"
     try:
         call()
-    except (LeaseExpired, AlreadySettled):
-        outcome = "fail"
-    except ArrivalError as exc:
+    except ArrivalError as exc:  # a stale receipt (LeaseExpired, AlreadySettled): fail
         outcome = outcome_of(exc)
-    hist.add(Ack(t, now(), msg.queue, msg.group, session, msg.id, msg.attempt, outcome, ack_kind))
+    for m in msgs:
+        hist.add(Ack(t, now(), m.queue, m.group, session, m.id, m.attempt, outcome, kind))
 
 
 def consumer(cfg: dict[str, Any]) -> None:
@@ -243,24 +243,13 @@ def consumer(cfg: dict[str, Any]) -> None:
             continue
         time.sleep(cfg.get("work_s", 0.0) * len(msgs))
         if rng.random() < 0.3:
-            t = now()
-            for m in msgs:
-                hist.add(Ack(t, 0.0, m.queue, m.group, session, m.id, m.attempt, "info"))
-            outcome: Outcome = "ok"
-            try:
-                cons.ack_batch(msgs)
-            except (LeaseExpired, AlreadySettled):
-                outcome = "fail"
-            except ArrivalError as exc:
-                outcome = outcome_of(exc)
-            for m in msgs:
-                hist.add(Ack(t, now(), m.queue, m.group, session, m.id, m.attempt, outcome))
+            _settle(hist, msgs, session, "ack", functools.partial(cons.ack_batch, msgs))
             continue
         for m in msgs:
             if rng.random() < cfg.get("nack", 0.05):
-                _settle(hist, m, session, "nack", lambda m=m: m.nack(0.0))  # type: ignore[misc]
+                _settle(hist, [m], session, "nack", lambda m=m: m.nack(0.0))  # type: ignore[misc]
             else:
-                _settle(hist, m, session, "ack", m.ack)
+                _settle(hist, [m], session, "ack", m.ack)
     cons.close()
     broker.close()
     hist.close()
@@ -343,7 +332,7 @@ def inbox(cfg: dict[str, Any]) -> None:
                     if fresh:
                         db.execute("INSERT INTO effects VALUES (?, ?, ?)", (m.queue, m.group, m.id))
 
-            _settle(hist, m, session, "ack", effect)
+            _settle(hist, [m], session, "ack", effect)
     cons.close()
     broker.close()
     db.close()
