@@ -17,13 +17,15 @@ from arrival.engine import Delivery
 from arrival.protocol import Error
 
 __all__ = [
-    "decode_deliveries",
+    "decode_bodies",
     "decode_error",
+    "decode_receipts",
     "encode_deliveries",
     "encode_error",
     "from_plain",
     "record",
     "to_plain",
+    "without_empty_headers",
 ]
 
 T = TypeVar("T")
@@ -44,12 +46,26 @@ def record(data: Any) -> RecordTuple:
     return (float(ts), mid, key, dict(headers) if headers else None, bytes(body))
 
 
-def encode_deliveries(got: list[Delivery]) -> list[Any]:
-    return [[off, att, deadline, list(rec)] for off, att, deadline, rec in got]
+def encode_deliveries(got: list[Delivery]) -> list[Delivery]:
+    """Deliveries as they are: MessagePack encodes their tuples as arrays, in C."""
+    return got
 
 
-def decode_deliveries(data: list[Any]) -> list[Delivery]:
-    return [(int(off), int(att), float(dl), record(rec)) for off, att, dl, rec in data]
+def without_empty_headers(got: list[Delivery]) -> list[Delivery]:
+    """Decoded deliveries with empty headers as None, as the engine stores them."""
+    if any(rec[3] is not None and not rec[3] for _, _, _, rec in got):
+        got = [(o, a, d, (r[0], r[1], r[2], r[3] or None, r[4])) for o, a, d, r in got]
+    return got
+
+
+def decode_receipts(data: Any) -> list[tuple[int, int]]:
+    """Ack receipts (offset, attempt) from a request; ValidationError if malformed."""
+    return msgspec.convert(data, list[tuple[int, int]])
+
+
+def decode_bodies(data: Any) -> list[bytes]:
+    """Message bodies from a request; ValidationError if malformed."""
+    return msgspec.convert(data, list[bytes])
 
 
 def encode_error(request_id: int | None, exc: BaseException) -> Error:

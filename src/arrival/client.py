@@ -31,12 +31,14 @@ from collections.abc import Callable, Sequence
 from typing import Any, cast
 from urllib.parse import urlsplit
 
+import msgspec
+
 from arrival import __version__
 from arrival._backend import Backend, Where
 from arrival._codec import RecordTuple
 from arrival._common import ProducerCore
 from arrival._pending import Future, Pending, Ready
-from arrival._wire import decode_deliveries, decode_error, from_plain, to_plain
+from arrival._wire import decode_error, from_plain, to_plain, without_empty_headers
 from arrival.engine import DeadMessage, Delivery, ProducerSeq, Send, TxnAcks
 from arrival.errors import (
     ArrivalError,
@@ -74,10 +76,34 @@ __all__ = ["AsyncClient", "RemoteBackend", "SyncClient", "parse_url"]
 
 DEFAULT_PORT = 7711
 CONNECT_TIMEOUT_S = 10.0
-_READ_SIZE = 1 << 16
+_READ_SIZE = 1 << 18
 _CLIENT_NAME = f"arrival-python/{__version__}"
 
 _Decode = Callable[[Any], Any]
+
+
+class _Typed:
+    """A reply decoder that reads the result's MessagePack straight into ``kind``."""
+
+    __slots__ = ("decoder", "then")
+
+    def __init__(self, decoder: msgspec.msgpack.Decoder[Any], then: Callable[[Any], Any]) -> None:
+        self.decoder = decoder
+        self.then = then
+
+    def __call__(self, raw: msgspec.Raw) -> Any:
+        return self.then(self.decoder.decode(raw))
+
+
+_plain = msgspec.msgpack.Decoder()
+_received_deliveries = msgspec.msgpack.Decoder(tuple[float, list[Delivery]])
+
+
+def _decoded(req_decode: Any, result: Any) -> Any:
+    """What a request's reply ``result`` (raw MessagePack) means to its caller."""
+    if type(req_decode) is _Typed:
+        return req_decode(result)
+    return req_decode(_plain.decode(result))
 
 
 def _same(value: Any) -> Any:
@@ -171,7 +197,7 @@ class RemoteBackend(Backend):
 
     def __init__(self, url: str, token: str | None, reconnect: float) -> None:
         self.url = url
-        self.conn = Connection(CLIENT)
+        self.conn = Connection(CLIENT, raw_results=True)
         self.token = token
         self.reconnect = reconnect
         self._epoch = 0
@@ -296,7 +322,7 @@ class RemoteBackend(Backend):
         for req, result, error in done:  # decoders may take the lock: outside it
             if error is None:
                 try:
-                    value = req.decode(result)
+                    value = _decoded(req.decode, result)
                 except Exception as exc:  # noqa: BLE001 - a malformed result is its error
                     req.fut.set_exception(exc)
                 else:
@@ -580,15 +606,17 @@ class RemoteBackend(Backend):
         return self._call("member_stats", {"m": member}, _as(ConsumerStats))
 
     def receive(self, member: int, limit: int, timeout: float | None) -> Pending[list[Delivery]]:
-        def decode(result: Any) -> list[Delivery]:
+        def decode(result: tuple[float, list[Delivery]]) -> list[Delivery]:
             server_now, deliveries = result
-            self._server_clock = float(server_now) - time.monotonic()
-            return decode_deliveries(deliveries)
+            self._server_clock = server_now - time.monotonic()
+            return without_empty_headers(deliveries)
 
-        return self._call("receive", {"m": member, "n": limit, "timeout": timeout}, decode)
+        args = {"m": member, "n": limit, "timeout": timeout}
+        return self._call("receive", args, _Typed(_received_deliveries, decode))
 
     def ack(self, member: int, epoch: int, receipts: Sequence[tuple[int, int]]) -> Pending[None]:
-        return self._call("ack", {"m": member, "e": epoch, "r": [list(r) for r in receipts]})
+        r = receipts if isinstance(receipts, list) else list(receipts)
+        return self._call("ack", {"m": member, "e": epoch, "r": r})
 
     def nack(
         self,
@@ -746,7 +774,7 @@ class SyncClient(RemoteBackend):
                 sock = self._tls.wrap_socket(sock, server_hostname=self._host)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
-                self.conn = Connection(CLIENT)
+                self.conn = Connection(CLIENT, raw_results=True)
             self._handshake(sock)
         except BaseException as exc:
             sock.close()
@@ -985,7 +1013,7 @@ class AsyncClient(RemoteBackend):
 
     async def _connect(self) -> _Protocol:
         with self._lock:
-            self.conn = Connection(CLIENT)
+            self.conn = Connection(CLIENT, raw_results=True)
         proto = _Protocol(self)
         try:
             await asyncio.wait_for(

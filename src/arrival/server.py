@@ -33,6 +33,8 @@ from arrival._backend import LocalBackend, _Receive
 from arrival._common import local_backend
 from arrival._pending import Deferred, Pending
 from arrival._wire import (
+    decode_bodies,
+    decode_receipts,
     encode_deliveries,
     encode_error,
     from_plain,
@@ -490,7 +492,7 @@ def _send(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode]:
     producer = None if p is None else (str(p[0]), int(p[1]), int(p[2]))
     bodies = a.get("bodies")
     if bodies is not None:
-        return s.backend.send(_text(a, "q"), None, [bytes(b) for b in bodies], producer), _same
+        return s.backend.send(_text(a, "q"), None, decode_bodies(bodies), producer), _same
     msgs = [(m[0], m[1], dict(m[2]) if m[2] else None, bytes(m[3])) for m in a["msgs"]]
     return s.backend.send(_text(a, "q"), msgs, None, producer), _same
 
@@ -622,7 +624,7 @@ class _Throttled:
 
 @_op("ack")
 def _ack(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode]:
-    receipts = [(int(o), int(at)) for o, at in a["r"]]
+    receipts = decode_receipts(a["r"])
     m = s.settling(a["m"])
     s.settled(m, len(receipts))
     return s.backend.ack(m, int(a["e"]), receipts), _same
