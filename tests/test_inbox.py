@@ -492,7 +492,13 @@ def test_lost_ack_redelivers_and_effect_happens_once(
 
     second = consumer.receive(timeout=0)
     assert second is not None, "the unacked message was not redelivered"
-    assert (second.id, second.attempt) == ("pay-1", 2)
+    assert second.id == "pay-1"
+    if loss in ("broker-crash", "crash-in-ack"):
+        # a delivery's attempt count is committed within the engine's ack linger: a crash
+        # sooner than that (a loaded machine) forgets the first attempt, never the message
+        assert second.attempt in (1, 2)
+    else:
+        assert second.attempt == 2
     assert handler(second, ack=False) is False
     second.ack()
 

@@ -376,6 +376,10 @@ class _Receive:
             wait = until_due if wait is None else min(wait, until_due)
         return wait
 
+    def now(self) -> list[Delivery]:
+        """What a poll hands out right now, without waiting ([] if nothing)."""
+        return self.engine.poll(self.member, self.limit)[0]
+
     def wait(self, timeout: float | None = None) -> list[Delivery]:
         engine = self.engine
         end = None if self.timeout is None else time.monotonic() + self.timeout

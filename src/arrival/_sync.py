@@ -409,7 +409,10 @@ class Message(MessageBase):
     def ack(self) -> None:
         """Processed: the group will not get this message again. Raises LeaseExpired if the
         lease ran out first (the message is then redelivered). On an exactly-once queue it
-        returns once the ack is durable: the group never gets the message again."""
+        returns once the ack is durable: the group never gets the message again. On an
+        at-most-once queue it does nothing: the message was processed when handed out."""
+        if self.lease_deadline == 0.0:
+            return
         self._backend.ack(self._member, self._epoch, ((self.offset, self.attempt),)).wait()
 
     def nack(self, delay: float | None = None, *, error: str | None = None) -> None:
@@ -493,7 +496,7 @@ class Consumer:
     def ack_batch(self, messages: Iterable[Message]) -> None:
         """Ack many messages of this consumer at once."""
         msgs = list(messages)
-        if msgs:
+        if msgs and msgs[0].lease_deadline != 0.0:  # 0: at-most-once, where acks are no-ops
             receipts = [(m.offset, m.attempt) for m in msgs]
             self._b.ack(self._member, msgs[0]._epoch, receipts).wait()
 

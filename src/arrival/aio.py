@@ -364,6 +364,8 @@ class Message(MessageBase):
     __slots__ = ()
 
     async def ack(self) -> None:
+        if self.lease_deadline == 0.0:  # at-most-once: processed when handed out
+            return
         await self._backend.ack(self._member, self._epoch, ((self.offset, self.attempt),))
 
     async def nack(self, delay: float | None = None, *, error: str | None = None) -> None:
@@ -456,7 +458,7 @@ class Consumer:
 
     async def ack_batch(self, messages: Iterable[Message]) -> None:
         msgs = list(messages)
-        if msgs:
+        if msgs and msgs[0].lease_deadline != 0.0:  # 0: at-most-once, where acks are no-ops
             receipts = [(m.offset, m.attempt) for m in msgs]
             await self._b.ack(self._member, msgs[0]._epoch, receipts)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import os
 import socket
 import ssl
@@ -201,6 +202,8 @@ class RemoteBackend(Backend):
         self.token = token
         self.reconnect = reconnect
         self._epoch = 0
+        self._cid_base = uuid.uuid4().hex
+        self._cids = itertools.count()
         self._closed = False
         self._connected = False
         self._failure: ArrivalError | None = None
@@ -567,10 +570,11 @@ class RemoteBackend(Backend):
             "e": list(epoch),
             "age": self.now() - started,
             "timeout": timeout,
-            "sends": [[q, [list(r) for r in recs]] for q, recs in sends],
-            "acks": [[m, e, [list(r) for r in receipts]] for m, e, receipts in acks],
+            "sends": [[q, recs] for q, recs in sends],  # tuples encode as arrays
+            "acks": [[m, e, receipts] for m, e, receipts in acks],
             "keep": keep,
-            "cid": uuid.uuid4().hex,  # a retry after a reconnect is answered, not redone
+            # a retry after a reconnect is answered, not redone: unique per client
+            "cid": f"{self._cid_base}.{next(self._cids)}",
         }
         return self._call("commit", args)
 

@@ -28,6 +28,7 @@ import random
 import re
 import threading
 import time
+from array import array
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -130,19 +131,23 @@ def check_size(queue: str, limit: int, headers: dict[str, str] | None, body: byt
 
 
 class Ticket:
-    """Completes when a durable write is committed (or failed). Wait, or add a callback."""
+    """Completes when a durable write is committed (or failed). Wait, or add a callback.
 
-    __slots__ = ("_callbacks", "_done", "_error", "_on_success", "result")
+    Light to make: the server makes one per request and only adds a callback, so the
+    threading.Event that ``wait`` blocks on is created only by a waiter that has to."""
+
+    __slots__ = ("_callbacks", "_done", "_error", "_event", "_on_success", "result")
 
     def __init__(self) -> None:
-        self._done = threading.Event()
+        self._done = False
+        self._event: threading.Event | None = None
         self._callbacks: list[Callable[[], None]] | None = None
         self._error: BaseException | None = None
         self._on_success: Callable[[], None] | None = None  # runs before waiters wake
         self.result: int = -1
 
     def __repr__(self) -> str:
-        state = "pending" if not self._done.is_set() else ("failed" if self._error else "done")
+        state = "pending" if not self._done else ("failed" if self._error else "done")
         return f"<Ticket {state} result={self.result}>"
 
     def _finish(self, error: BaseException | None) -> None:
@@ -150,17 +155,20 @@ class Ticket:
         if error is None and self._on_success is not None:
             self._on_success()
         with _ticket_lock:
-            self._done.set()
+            self._done = True
+            event = self._event
             callbacks, self._callbacks = self._callbacks, None
+        if event is not None:
+            event.set()
         for cb in callbacks or ():
             cb()
 
     def done(self) -> bool:
-        return self._done.is_set()
+        return self._done
 
     def add_done_callback(self, cb: Callable[[], None]) -> None:
         with _ticket_lock:
-            if not self._done.is_set():
+            if not self._done:
                 if self._callbacks is None:
                     self._callbacks = []
                 self._callbacks.append(cb)
@@ -169,8 +177,13 @@ class Ticket:
 
     def wait(self, timeout: float | None = None) -> int:
         """Block until committed; return the first offset. Raises the commit's error."""
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"the write was not committed within {timeout} s")
+        if not self._done:
+            with _ticket_lock:
+                event = self._event
+                if event is None and not self._done:
+                    event = self._event = threading.Event()
+            if event is not None and not event.wait(timeout):
+                raise TimeoutError(f"the write was not committed within {timeout} s")
         return self.outcome()
 
     def outcome(self) -> int:
@@ -182,7 +195,7 @@ class Ticket:
     def completed(cls, result: int) -> Ticket:
         t = cls()
         t.result = result
-        t._finish(None)
+        t._done = True
         return t
 
 
@@ -275,8 +288,10 @@ class _Queue:
         self.end = 0  # next offset to assign
         self.visible = 0  # one past the newest committed offset
         self.low = 0  # offsets below were deleted
-        self.firsts: list[int] = []  # first offset of each stored batch, ascending
-        self.counts: list[int] = []
+        # first offset and size of each stored batch, ascending: 16 bytes a batch, so a
+        # backlog of millions of one-message batches costs megabytes, not a list of ints
+        self.firsts: array[int] = array("q")
+        self.counts: array[int] = array("q")
         self.cache: OrderedDict[int, _Batch] = OrderedDict()
         self.cached = 0  # messages in the cache
         self.groups: dict[str, _Group] = {}

@@ -73,6 +73,7 @@ MAX_OPEN_TRANSACTIONS = 10_000  # begin times a connection keeps for its transac
 MAX_RECEIVES_PER_CONNECTION = 1024  # long polls waiting at once (the protocol's in-flight)
 MAX_RECEIVE = 10_000  # messages one receive may take: a consumer's in-flight bound
 _WRITE_HIGH = 4 << 20  # bytes buffered for a slow reader before its reading pauses
+_COALESCE_BYTES = 256 << 10  # replies gathered for one write before it is made early
 
 _Encode = Callable[[Any], Any]
 
@@ -161,6 +162,8 @@ class _Session(asyncio.Protocol):
         self.closed = False
         self._reading_paused = False
         self._writing_paused = False
+        self._out: list[bytes] = []  # frames written in this turn of the loop
+        self._out_bytes = 0
         self.loop = asyncio.get_running_loop()
 
     # -- transport callbacks ----------------------------------------------------------
@@ -175,8 +178,7 @@ class _Session(asyncio.Protocol):
             self._write_error(
                 Error(None, "BrokerUnreachable", "too many connections: try again later")
             )
-            transport.close()
-            self.closed = True
+            self._close()
             return
         self.server.sessions.add(self)
         log.info("connection from %s", self.peer)
@@ -271,6 +273,15 @@ class _Session(asyncio.Protocol):
         ) as exc:
             self._reply_error(req.id, UsageError(f"malformed {req.op!r} request: {exc!r}"))
             return
+        if isinstance(pending, _Receive):
+            try:
+                got = pending.now()
+            except ArrivalError as exc:
+                self._reply_error(req.id, exc)
+                return
+            if got:  # no need to wait: answered at once, without a task
+                self._reply(req.id, encode(got))
+                return
         if isinstance(pending, (_Receive, _Throttled)):
             # a long poll waits for messages, not for the server: it does not hold back
             # the connection's other requests; reading pauses only at the protocol's
@@ -370,8 +381,21 @@ class _Session(asyncio.Protocol):
             self._write(self.conn.send(frame))
 
     def _write(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
+        """Queue a frame; the frames of one turn of the loop go out in one write (the
+        replies of one group commit, say), not one system call each."""
+        if not self._out:
+            self.loop.call_soon(self._flush)
+        self._out.append(data)
+        self._out_bytes += len(data)
+        t = self.transport
+        if self._out_bytes >= _COALESCE_BYTES or (t is not None and t.get_write_buffer_size()):
+            self._flush()  # a slow reader: flow control (pause_writing) must see it now
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        self._out_bytes = 0
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def shut(self, reason: str) -> None:
         with contextlib.suppress(ProtocolError):
@@ -380,6 +404,7 @@ class _Session(asyncio.Protocol):
 
     def _close(self) -> None:
         self.closed = True
+        self._flush()
         if self.transport is not None:
             self.transport.close()
 
