@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from typer.testing import CliRunner
 
 import arrival
@@ -40,69 +39,6 @@ def test_demo_shows_redelivery_dead_letter_replay_and_conflation(tmp_path: Path)
         assert broker.dead_letters("orders").list() == []
         billing = next(g for g in broker.stats("orders").groups if g.group == "billing")
         assert billing.backlog == 0
-
-
-def test_bench_json_reports_every_figure() -> None:
-    out = run("bench", "--count", "3000", "--batch", "500", "--runs", "1", "--json")
-    report = json.loads(out)
-    assert report["environment"]["cpus"] >= 1
-    alo = report["results"]["at-least-once"]
-    amo = report["results"]["at-most-once"]
-    assert alo["delivered"] == 3000
-    assert alo["throughput"] > 0
-    assert alo["fsyncs"] >= 1  # durable sends were fsynced
-    assert amo["fsyncs"] == 0  # at-most-once never waits for disk
-    assert amo["delivered"] + amo["dropped"] == 3000
-    eo = report["results"]["exactly-once"]
-    assert eo["delivered"] == 3000  # every input committed with its output (checked inside)
-    assert eo["txn_batch"] == 1000
-    assert 3 <= eo["transactions"] <= 3000
-    assert eo["fsyncs"] >= 1
-    for r in (alo, amo, eo):
-        assert 0 <= r["p50_ms"] <= r["p99_ms"] <= r["p999_ms"]
-
-
-def test_bench_exactly_once_one_transaction_per_message() -> None:
-    out = run(
-        "bench", "-g", "exactly-once", "--count", "200", "--txn-batch", "1", "--consumers",
-        "2", "--runs", "1", "--json",
-    )  # fmt: skip
-    eo = json.loads(out)["results"]["exactly-once"]
-    assert eo["delivered"] == 200
-    assert eo["transactions"] == 200  # one commit per input
-    assert eo["consumers"] == 2
-
-
-def test_bench_table_labels_exactly_once_runs() -> None:
-    out = run("bench", "-g", "exactly-once", "--count", "500", "--runs", "1")
-    assert "exactly-once (1000/txn, 1 thr)" in out
-    assert "txn/s" in out
-
-
-def test_bench_against_a_server_it_starts() -> None:
-    """--server: a real `arrival serve` process, producers as separate processes."""
-    out = run(
-        "bench", "--server", "-g", "at-least-once", "-g", "exactly-once", "--count", "2000",
-        "--batch", "250", "--producers", "2", "--runs", "1", "--json",
-    )  # fmt: skip
-    report = json.loads(out)
-    assert report["environment"]["backend"] == "server"
-    alo = report["results"]["at-least-once"]
-    assert (alo["delivered"], alo["producers"]) == (2000, 2)
-    assert alo["fsyncs"] >= 1
-    assert report["results"]["exactly-once"]["delivered"] == 2000
-
-
-def test_bench_refuses_server_and_url_together(tmp_path: Path) -> None:
-    result = runner.invoke(app, ["bench", "--server", "--url", str(tmp_path)])
-    assert result.exit_code == 2
-    assert "not both" in result.output
-
-
-def test_bench_table(tmp_path: Path) -> None:
-    out = run("bench", "-g", "at-least-once", "--count", "1000", "--runs", "2")
-    assert "at-least-once" in out
-    assert "msg/s" in out
 
 
 def test_queues_produce_consume_and_dlq(tmp_path: Path) -> None:
@@ -156,9 +92,3 @@ def test_queues_create_with_dedup(tmp_path: Path) -> None:
     out = run("queues", "create", "pay", "-g", "exactly-once", "--url", url)
     assert "exactly-once" in out
     assert "confirmed commits" in out
-
-
-@pytest.mark.parametrize("guarantee", ["at-most-once", "at-least-once", "exactly-once"])
-def test_bench_one_guarantee(guarantee: str) -> None:
-    report = json.loads(run("bench", "-g", guarantee, "--count", "500", "--runs", "1", "--json"))
-    assert list(report["results"]) == [guarantee]

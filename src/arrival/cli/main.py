@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 import arrival
 from arrival.errors import ArrivalError
+
+if TYPE_CHECKING:
+    from arrival.cli.bench import BenchOptions, BenchServer
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -64,16 +67,49 @@ def demo(
 @app.command()
 def bench(
     guarantee: Guarantees = None,
-    count: Annotated[int, typer.Option(help="messages per run")] = 200_000,
-    size: Annotated[int, typer.Option(help="body size in bytes")] = 100,
+    count: Annotated[
+        int | None, typer.Option(help="messages per run [default: 200,000 unless --duration]")
+    ] = None,
+    duration: Annotated[
+        float | None,
+        typer.Option(help="seconds the producers send, instead of --count; then it drains"),
+    ] = None,
+    size: Annotated[int, typer.Option(help="body size in bytes (at least 8: the send time)")] = 100,
     batch: Annotated[int, typer.Option(help="messages per send_batch / receive_batch")] = 1000,
-    producers: Annotated[int, typer.Option(help="producer threads")] = 1,
+    producers: Annotated[
+        int, typer.Option(help="producer threads (embedded) or processes (server)")
+    ] = 1,
     consumers: Annotated[
-        int, typer.Option(help="exactly-once: processing threads, one transactional id each")
+        int,
+        typer.Option(
+            help="consumer threads (embedded) or processes (server); exactly-once: "
+            "processing loops, one transactional id each"
+        ),
     ] = 1,
     txn_batch: Annotated[
         int, typer.Option(help="exactly-once: inputs per transaction (1: one per message)")
     ] = 1000,
+    rate: Annotated[
+        float | None,
+        typer.Option(
+            help="open loop: msg/s in total across producers, on a fixed schedule; latency "
+            "counts from each message's scheduled time"
+        ),
+    ] = None,
+    linger: Annotated[
+        float | None,
+        typer.Option(
+            help="ms a producer batch may wait: sent when full or after this [default: 1 "
+            "with --rate, else no wait]"
+        ),
+    ] = None,
+    backlog: Annotated[
+        int,
+        typer.Option(
+            help="first load this many messages with no consumer running (not timed); "
+            "the run drains them with the new ones"
+        ),
+    ] = 0,
     runs: Annotated[int, typer.Option(help="runs per guarantee; the median is reported")] = 3,
     url: Annotated[
         str | None,
@@ -89,108 +125,105 @@ def bench(
     ] = False,
     as_json: Json = False,
 ) -> None:
-    """Measure end-to-end throughput and latency per guarantee: embedded, or against a
-    server (--server, or --url arrival://...) with producers as separate processes."""
-    from arrival.cli.bench import start_server
+    """Measure end-to-end throughput and latency (send to processed) per guarantee:
+    embedded, or against a server (--server, or --url arrival://...) with producers and
+    consumers as separate processes. Closed loop, or open loop at --rate."""
+    from arrival.cli.bench import (
+        GUARANTEES,
+        BenchError,
+        BenchOptions,
+        BenchUsageError,
+        bench_server,
+    )
 
-    guarantees = guarantee or ["at-most-once", "at-least-once", "exactly-once"]
+    def usage(message: str) -> typer.Exit:
+        err.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
+        return typer.Exit(2)
+
     if server and url is not None:
-        err.print("[red]error:[/] give --server or --url, not both")
-        raise typer.Exit(2)
-    stop_server = None
-    if server:
-        url, stop_server = start_server()
-    try:
-        _bench_runs(
-            guarantees, count, size, batch, producers, consumers, txn_batch, runs, url, as_json
+        raise usage("give --server or --url, not both")
+    if runs < 1:
+        raise usage(f"--runs must be at least 1, not {runs}")
+    options = [
+        BenchOptions(
+            guarantee=g,
+            count=count,
+            duration=duration,
+            size=size,
+            batch=batch,
+            producers=producers,
+            consumers=consumers,
+            txn_batch=txn_batch,
+            rate=rate,
+            linger_ms=linger,
+            backlog=backlog,
+            url=url,
         )
-    finally:
-        if stop_server is not None:
-            stop_server()
+        for g in guarantee or GUARANTEES
+    ]
+    try:
+        for o in options:
+            o.check()
+    except BenchUsageError as exc:
+        raise usage(str(exc)) from None
+    try:
+        with bench_server(server) as started:
+            _bench_runs(options, runs, started, as_json)
+    except BenchError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        err.print("[red]interrupted[/]: workers ended, temp dirs removed", highlight=False)
+        raise typer.Exit(130) from None
 
 
 def _bench_runs(
-    guarantees: list[str],
-    count: int,
-    size: int,
-    batch: int,
-    producers: int,
-    consumers: int,
-    txn_batch: int,
-    runs: int,
-    url: str | None,
-    as_json: bool,
+    options: list[BenchOptions], runs: int, server: BenchServer | None, as_json: bool
 ) -> None:
-    from arrival.cli.bench import BenchResult, environment, run_bench, summarize
+    from dataclasses import replace
 
+    from arrival.cli.bench import BenchResult, ProgressState, environment, run_bench, summarize
+    from arrival.cli.bench_report import render
+
+    url = server.url if server is not None else options[0].url
     results: dict[str, dict[str, object]] = {}
-    for g in guarantees:
+    for o in options:
+        o = replace(o, url=url)
         runs_done: list[BenchResult] = []
         with Progress(
             TextColumn("{task.description}"),
             BarColumn(),
-            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
             TimeElapsedColumn(),
             console=err,
             transient=True,
         ) as progress:
             for i in range(runs):
-                task = progress.add_task(f"{g} run {i + 1}/{runs}", total=count)
+                name = f"{o.guarantee} run {i + 1}/{runs}"
+                task = progress.add_task(name, total=None, status="")
 
-                def advance(n: int, task: int = task) -> None:
-                    progress.advance(task, n)  # type: ignore[arg-type]
-
-                runs_done.append(
-                    run_bench(
-                        g,
-                        count=count,
-                        size=size,
-                        batch=batch,
-                        producers=producers,
-                        url=url,
-                        progress=advance,
-                        consumers=consumers,
-                        txn_batch=txn_batch,
+                def show(s: ProgressState, task: TaskID = task, name: str = name) -> None:
+                    status = f"{s.done:,}" + (f"/{s.total:,}" if s.total is not None else "")
+                    if s.seconds_left is not None and s.phase == "running":
+                        status += f", {s.seconds_left:.0f} s left"
+                    status += f", {s.rate:,.0f} msg/s"
+                    progress.update(
+                        task,
+                        description=f"{name}: {s.phase}",
+                        completed=s.done,
+                        total=s.total,
+                        status=status,
                     )
-                )
-        results[g] = summarize(runs_done)
+
+                runs_done.append(run_bench(o, progress=show, server=server))
+                progress.remove_task(task)
+        results[o.guarantee] = summarize(runs_done)
     if as_json:
-        env = environment(url)
+        env = environment(url, server)
         json.dump({"environment": env, "results": results}, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return
-    where = "server" if url is not None and url.startswith("arrival") else "embedded"
-    table = Table(title=f"arrival bench — {where}, {size}-byte messages, median of {runs}")
-    for col in (
-        "guarantee",
-        "msg/s",
-        "p50 ms",
-        "p99 ms",
-        "p99.9 ms",
-        "delivered",
-        "dropped",
-        "fsyncs",
-        "txn/s",
-    ):
-        table.add_column(col, justify="right" if col != "guarantee" else "left")
-    for g, r in results.items():
-        seconds = float(r["seconds"])  # type: ignore[arg-type]
-        txns = int(r["transactions"])  # type: ignore[call-overload]
-        label = g
-        if r["txn_batch"]:
-            label += f" ({r['txn_batch']}/txn, {r['consumers']} thr)"
-        table.add_row(
-            label,
-            f"{r['throughput']:,.0f}",
-            f"{r['p50_ms']:.2f}",
-            f"{r['p99_ms']:.2f}",
-            f"{r['p999_ms']:.2f}",
-            f"{r['delivered']:,}",
-            f"{r['dropped']:,}",
-            f"{r['fsyncs']:,}",
-            f"{txns / seconds:,.0f}" if txns and seconds > 0 else "-",
-        )
-    Console(width=max(out.width, 120)).print(table)  # wide enough to truncate no figure
+    render(Console(width=max(out.width, 120)), results, runs)  # wide enough to truncate nothing
 
 
 @app.command()
