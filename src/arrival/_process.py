@@ -195,7 +195,7 @@ def steps(
                 break
             want = batch - held if limit is None else min(batch - held, limit - done)
             if held:
-                wait = max(0.0, interval - (now - opened))
+                wait = 0.0  # what is there now joins the batch; a dry input commits it
             elif in_flight:
                 wait = 0.0  # take what is there; settle the commits if nothing is
             else:
@@ -209,6 +209,7 @@ def steps(
                 while in_flight:  # nothing to overlap the commits with: finish them
                     yield from settle_one()
                 continue
+            dry = len(msgs) < want  # nothing more waiting right now
             if msgs:
                 last_seen = time.monotonic()
                 if tx is None:
@@ -225,7 +226,7 @@ def steps(
                 tx.ack(msg)
                 batch_msgs.append(msg)
             if tx is not None and (
-                len(batch_msgs) >= batch or time.monotonic() - opened >= interval
+                len(batch_msgs) >= batch or dry or time.monotonic() - opened >= interval
             ):
                 if batch_msgs:
                     yield from commit()

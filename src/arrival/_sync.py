@@ -516,9 +516,10 @@ class Consumer:
         """Consume in transactions: exactly-once consume-transform-produce.
 
         ``handler(msg, out)`` handles one message and sends its outputs with
-        ``out.send(queue, body, ...)``. Outputs and acks commit together, every ``batch``
-        messages or ``interval`` seconds (whichever comes first), like Kafka Streams'
-        commit interval; ``batch=1`` commits each message on its own. An output without
+        ``out.send(queue, body, ...)``. Outputs and acks commit together once a transaction
+        holds ``batch`` messages, no more input is waiting, or ``interval`` seconds
+        passed since it opened (whichever comes first); ``batch=1`` commits each message
+        on its own. An output without
         an id gets ``<input id>/<n>``, the same on every retry.
 
         When the handler raises, that message's outputs are discarded and it is nacked
