@@ -169,6 +169,30 @@ def test_the_message_cache_is_bounded_and_counted(monkeypatch: pytest.MonkeyPatc
         assert q.cached <= 50
 
 
+def test_the_message_cache_is_bounded_in_bytes_for_large_messages(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Large messages fill CACHE_BYTES long before CACHE_MESSAGES: the cache holds
+    (about) a byte budget of them per queue, whatever their count."""
+    from arrival import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "CACHE_BYTES", 64 << 10)
+    body = b"z" * (16 << 10)
+    with arrival.connect("memory:") as broker:
+        broker.create_queue("q", "at-least-once")
+        producer = broker.producer()
+        for _ in range(40):
+            producer.send("q", body)
+        q = broker.engine._queues["q"]
+        assert q.cached_bytes == sum(b.size for b in q.cache.values())
+        assert q.cached_bytes <= (64 << 10) + len(body) + 64  # one batch over at most
+        assert q.cached < 10  # far below CACHE_MESSAGES
+        got = broker.consumer("q", "g").receive_batch(100, timeout=0)
+        assert [m.body for m in got] == [body] * 40  # evicted ones are re-read
+        assert q.cached_bytes == sum(b.size for b in q.cache.values())
+        assert q.cached_bytes <= (64 << 10) + len(body) + 64
+
+
 def test_retention_keeps_messages_then_deletes_them_with_bounded_bookkeeping() -> None:
     from arrival.testing import FakeClock
 

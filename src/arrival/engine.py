@@ -77,7 +77,8 @@ __all__ = ["DeadMessage", "Delivery", "Engine", "Ticket"]
 
 DLQ_GROUP = "~dlq"  # the group through which a dead-letter queue is listed, replayed, purged
 SNAPSHOT_EVERY = 256  # group deltas between snapshots: bounds recovery time and row count
-CACHE_MESSAGES = 262_144  # decoded messages kept in memory; older batches are re-read
+CACHE_MESSAGES = 262_144  # decoded messages kept in memory per queue; older ones are re-read
+CACHE_BYTES = 32 << 20  # and at most this many stored bytes of them (large messages)
 FLOOR_TICK_S = 1.0  # retention is kept to this precision; bounds floor_times to one per s
 HOUSEKEEPING_S = 0.25  # how often the writer expires leases and trims when idle
 CANARY_GAP_S = 0.25  # canaries only: how late the broken step comes (arrival._canary)
@@ -218,11 +219,12 @@ class DeadMessage:
 
 
 class _Batch:
-    __slots__ = ("_by_group", "first", "keys", "records", "targets")
+    __slots__ = ("_by_group", "first", "keys", "records", "size", "targets")
 
-    def __init__(self, first: int, records: list[RecordTuple]) -> None:
+    def __init__(self, first: int, records: list[RecordTuple], size: int) -> None:
         self.first = first
         self.records = records
+        self.size = size  # bytes stored
         self.keys: list[Key] = [r[2] for r in records]
         targets: dict[int, str] | None = None
         for i, r in enumerate(records):
@@ -268,6 +270,7 @@ class _Queue:
     __slots__ = (
         "cache",
         "cached",
+        "cached_bytes",
         "counts",
         "end",
         "firsts",
@@ -294,6 +297,7 @@ class _Queue:
         self.counts: array[int] = array("q")
         self.cache: OrderedDict[int, _Batch] = OrderedDict()
         self.cached = 0  # messages in the cache
+        self.cached_bytes = 0  # their stored size
         self.groups: dict[str, _Group] = {}
         self.sent = 0
         self.floor_times: deque[tuple[int, float]] = deque()  # (min floor, when reached)
@@ -304,7 +308,7 @@ class _Queue:
             self.lossy = LossyQueue(spec.capacity, spec.drop, spec.conflate)
 
 
-_Published = list[tuple["_Queue", int, list[RecordTuple], "Ticket | None"]]
+_Published = list[tuple["_Queue", int, list[RecordTuple], int, "Ticket | None"]]
 _Collected = tuple[WriteSet, _Published, list["Ticket"]]
 
 
@@ -468,12 +472,13 @@ class Engine:
         b = q.cache.get(first)
         if b is None:
             where = f"batch {first} of queue {q.name!r}"
-            records = decode_batch(self.storage.read(q.name, first), where)
+            data = self.storage.read(q.name, first)
+            records = decode_batch(data, where)
             if len(records) != q.counts[i]:
                 raise CorruptData(
                     f"{where} holds {len(records)} messages where the index says {q.counts[i]}"
                 )
-            b = _Batch(first, records)
+            b = _Batch(first, records, len(data))
             self._cache(q, b)
         return b
 
@@ -481,11 +486,14 @@ class Engine:
         old = q.cache.pop(b.first, None)
         if old is not None:
             q.cached -= len(old.records)
+            q.cached_bytes -= old.size
         q.cache[b.first] = b
         q.cached += len(b.records)
-        while q.cached > CACHE_MESSAGES and len(q.cache) > 2:
+        q.cached_bytes += b.size
+        while (q.cached > CACHE_MESSAGES or q.cached_bytes > CACHE_BYTES) and len(q.cache) > 2:
             _, old = q.cache.popitem(last=False)
             q.cached -= len(old.records)
+            q.cached_bytes -= old.size
 
     # -- queues -----------------------------------------------------------------------
 
@@ -1277,7 +1285,7 @@ class Engine:
         published = []
         for q, first, n, data, records, ticket in self._pending:
             ws.batches.append((q.name, first, n, data))
-            published.append((q, first, records, ticket))
+            published.append((q, first, records, len(data), ticket))
         self._pending = []
         if self._pending_specs:
             ws.specs, self._pending_specs = self._pending_specs, {}
@@ -1312,6 +1320,7 @@ class Engine:
                 gone = q.cache.pop(first, None)
                 if gone is not None:
                     q.cached -= len(gone.records)
+                    q.cached_bytes -= gone.size
             del q.firsts[:n], q.counts[:n]
         return ws, published, tickets
 
@@ -1390,14 +1399,14 @@ class Engine:
                     self._barriers = []
                 else:
                     failed = []
-                    for q, first, records, _t in published:
+                    for q, first, records, size, _t in published:
                         q.visible = first + len(records)
                         q.firsts.append(first)
                         q.counts.append(len(records))
-                        self._cache(q, _Batch(first, records))
+                        self._cache(q, _Batch(first, records, size))
                 if published or error is not None:
                     self._notify()
-            for _q, _first, _records, ticket in published:
+            for _q, _first, _records, _size, ticket in published:
                 if ticket is not None:
                     ticket._finish(error)
             for ticket in tickets:

@@ -502,6 +502,21 @@ def test_expire_only_touches_leases_past_their_deadline() -> None:
     assert s.is_leased(3, 1, 10.0)
 
 
+def test_lease_deadlines_are_kept_as_runs_of_offsets() -> None:
+    # held for a whole ack_timeout, one entry per offset would grow the broker by tens of
+    # bytes for every message delivered in that time; runs keep it per receive
+    s = make_state()
+    log = Log([None] * 100_000 + ["k", None, "k"])
+    s.grant(0.0, 100_000, 1, log)
+    assert list(s._expiries) == [(10.0, [(0, 100_000)])]
+    s.grant(1.0, 3, 1, log)  # the second "k" waits behind the first
+    assert list(s._expiries)[1] == (11.0, [(100_000, 2)])
+    s.ack(5, 1)
+    s.expire(10.0)  # every run's offsets still expire, settled ones are skipped
+    assert s.n_expired == 100_000 - 1
+    assert s.in_flight == 2
+
+
 def test_expire_ignores_leases_settled_before_their_deadline() -> None:
     s = make_state()
     log = Log([None, None])
