@@ -554,14 +554,19 @@ class Consumer:
                 except ClosedError:
                     return None
             if type(cmd) is Handle:
-                try:
-                    handler(cmd.msg, cmd.out)
-                    prepare = cmd.out._prepare()
-                    if prepare is not None:
-                        drive(prepare)
-                    cmd.out._flush()  # all of its outputs, or (refused) none
-                except Exception as exc:  # noqa: BLE001 - the handler's failure is data
-                    return exc
+                errors: list[Exception | None] = []
+                for msg, out in zip(cmd.msgs, cmd.outs, strict=True):
+                    try:
+                        handler(msg, out)
+                        prepare = out._prepare()
+                        if prepare is not None:
+                            drive(prepare)
+                        out._flush()  # all of its outputs, or (refused) none
+                    except Exception as exc:  # noqa: BLE001 - the handler's failure is data
+                        errors.append(exc)
+                    else:
+                        errors.append(None)
+                return errors
             elif type(cmd) is Nack:
                 with contextlib.suppress(LeaseExpired):  # it is redelivered anyway
                     cmd.msg.nack(error=cmd.error)

@@ -498,16 +498,21 @@ class Consumer:
                 except ClosedError:
                     return None
             if type(cmd) is Handle:
-                try:
-                    r = handler(cmd.msg, cmd.out)
-                    if asyncio.iscoroutine(r):
-                        await r
-                    prepare = cmd.out._prepare()
-                    if prepare is not None:
-                        await adrive(prepare)
-                    cmd.out._flush()  # all of its outputs, or (refused) none
-                except Exception as exc:  # noqa: BLE001 - the handler's failure is data
-                    return exc
+                errors: list[Exception | None] = []
+                for msg, out in zip(cmd.msgs, cmd.outs, strict=True):
+                    try:
+                        r = handler(msg, out)
+                        if asyncio.iscoroutine(r):
+                            await r
+                        prepare = out._prepare()
+                        if prepare is not None:
+                            await adrive(prepare)
+                        out._flush()  # all of its outputs, or (refused) none
+                    except Exception as exc:  # noqa: BLE001 - the handler's failure is data
+                        errors.append(exc)
+                    else:
+                        errors.append(None)
+                return errors
             elif type(cmd) is Nack:
                 with contextlib.suppress(LeaseExpired):  # it is redelivered anyway
                     await cmd.msg.nack(error=cmd.error)
