@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
@@ -374,3 +375,31 @@ def test_a_closed_event_loop_does_not_break_the_engine(broker: arrival.Broker) -
     assert not fut.done()
     broker.create_queue("q", "at-least-once")
     assert broker.producer().send("q", b"still fine") == 0
+
+
+def test_a_wakeup_on_the_loops_own_thread_needs_no_cross_thread_call() -> None:
+    from arrival._pending import wake_soon
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        threadsafe = loop.call_soon_threadsafe
+        calls: list[object] = []
+
+        def counting(*args: Any) -> Any:
+            calls.append(args)
+            return threadsafe(*args)
+
+        loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+        try:
+            wake_soon(loop, fut)  # on the loop: call_soon, no write to its wakeup fd
+            await asyncio.wait_for(fut, 5)
+            assert calls == []
+            other: asyncio.Future[None] = loop.create_future()
+            threading.Thread(target=wake_soon, args=(loop, other)).start()
+            await asyncio.wait_for(other, 5)  # from another thread: the thread-safe way
+            assert len(calls) == 1
+        finally:
+            del loop.call_soon_threadsafe
+
+    asyncio.run(main())

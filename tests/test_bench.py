@@ -321,6 +321,7 @@ def test_progress_is_shown_on_stderr(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--runs", "0"], "--runs must be at least 1"),
         (["-g", "at-least-twice"], "unknown guarantee 'at-least-twice'"),
         (["--server", "--url", "./x"], "give --server or --url, not both"),
+        (["--gc-threshold", "0"], "--gc-threshold must be at least 1"),
     ],
 )
 def test_bad_values_exit_2_with_one_line(args: list[str], message: str) -> None:
@@ -456,3 +457,25 @@ def test_body_starts_with_the_send_time() -> None:
     body = bench_workers.pack_time(t) + b"x" * 92
     assert bench_workers.unpack_time(body) == (t,)
     assert struct.unpack_from("<d", body)[0] == t
+
+
+def test_gc_threshold_tunes_the_bench_and_its_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+
+    before = gc.get_threshold()
+    monkeypatch.delenv(bench_workers.GC_ENV, raising=False)
+    try:
+        out = bench_json("-g", "at-most-once", "--count", "2000", "--gc-threshold", "54321")
+        assert out["environment"]["gc_threshold"] == [54321, 50, 100]
+        assert os.environ[bench_workers.GC_ENV] == "54321"  # what spawned workers inherit
+        gc.set_threshold(*before)
+        bench_workers.tune_gc()  # what a worker process does first
+        assert gc.get_threshold() == (54321, 50, 100)
+    finally:
+        gc.set_threshold(*before)
+    monkeypatch.delenv(bench_workers.GC_ENV)
+    bench_workers.tune_gc()
+    assert gc.get_threshold() == before  # without the option, Python's own
+    assert bench_json("-g", "at-most-once", "--count", "2000")["environment"][
+        "gc_threshold"
+    ] == list(before)

@@ -7,8 +7,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -223,3 +225,25 @@ def test_retention_keeps_messages_then_deletes_them_with_bounded_bookkeeping() -
         broker.engine.flush().wait()
         # all gone but the newest batch, which records where the log ends
         assert broker.peek("q", 1)[0].offset == 299
+
+
+@pytest.mark.parametrize("damage", ["1.5", "'seven'", "-3"])
+def test_a_damaged_batch_index_is_refused_as_corrupt_data(tmp_path: Path, damage: str) -> None:
+    # what a flipped bit in the database file can leave: the index is checked on open,
+    # never trusted into the offset arithmetic
+    import sqlite3
+
+    from arrival.errors import CorruptData
+    from arrival.storage.sqlite import DB_NAME
+
+    data = tmp_path / "data"
+    with arrival.connect(str(data)) as broker:
+        broker.create_queue("q", "at-least-once")
+        broker.producer().send_batch("q", [b"a", b"b"])
+        broker.producer().send("q", b"c")
+    column = "count" if damage == "-3" else "first"
+    with contextlib.closing(sqlite3.connect(data / DB_NAME)) as db:
+        db.execute(f"UPDATE batches SET {column} = {damage} WHERE first = 0")
+        db.commit()
+    with pytest.raises(CorruptData, match="index of queue 'q' is damaged"):
+        arrival.connect(str(data))

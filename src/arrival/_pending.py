@@ -47,7 +47,16 @@ class Pending(Protocol[T_co]):
 
 
 def wake_soon(loop: asyncio.AbstractEventLoop, fut: asyncio.Future[None]) -> None:
-    """Resolve ``fut`` on its loop, from any thread; a closed loop has no one to wake."""
+    """Resolve ``fut`` on its loop, from any thread; a closed loop has no one to wake.
+    On the loop's own thread (a server's send waking a long poll) no cross-thread wakeup
+    (a write to the loop's wakeup fd) is needed."""
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:
+        loop.call_soon(_resolve, fut)
+        return
     with contextlib.suppress(RuntimeError):
         loop.call_soon_threadsafe(_resolve, fut)
 

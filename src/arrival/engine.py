@@ -403,6 +403,11 @@ class Engine:
         for name, data in specs.items():
             q = _Queue(decode_spec(data))
             for first, count in batches.get(name, ()):
+                if type(first) is not int or type(count) is not int or count < 1:
+                    raise CorruptData(
+                        f"the index of queue {name!r} is damaged (a batch at {first!r} of "
+                        f"{count!r} messages): the store is damaged; restore it from a backup"
+                    )
                 q.firsts.append(first)
                 q.counts.append(count)
             q.low = int(meta.get(f"low:{name}", b"0"))

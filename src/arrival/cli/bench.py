@@ -30,6 +30,7 @@ and every process reports its peak (``bench_measure``).
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib.util
 import math
 import multiprocessing
@@ -707,6 +708,7 @@ def environment(url: str | None = None, server: BenchServer | None = None) -> di
         "arrival": arrival.__version__,
         "backend": "server" if remote else "embedded",
         "server_event_loop": loop,
+        "gc_threshold": list(gc.get_threshold()),  # this process's (and its workers')
         "durability": {g: _durability(g, url) for g in GUARANTEES},
     }
 

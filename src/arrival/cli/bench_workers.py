@@ -15,6 +15,7 @@ everything sent (backlog included) is processed, or when the run is aborted.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import signal
@@ -29,7 +30,17 @@ from typing import Any
 import arrival
 from arrival.cli.bench_measure import LatencyHistogram, own_peak_rss
 
-__all__ = ["Plan", "Shared", "WorkerReport", "process_main", "run_worker"]
+__all__ = ["GC_ENV", "Plan", "Shared", "WorkerReport", "process_main", "run_worker", "tune_gc"]
+
+GC_ENV = "ARRIVAL_BENCH_GC"  # --gc-threshold, for the worker processes
+
+
+def tune_gc() -> None:
+    """``gc.set_threshold(N, 50, 100)`` when ``$ARRIVAL_BENCH_GC`` is N (--gc-threshold)."""
+    n = os.environ.get(GC_ENV)
+    if n:
+        gc.set_threshold(int(n), 50, 100)
+
 
 _stamp = struct.Struct("<d")
 pack_time = _stamp.pack
@@ -362,6 +373,7 @@ def process_main(role: str, plan: Plan, index: int, shared: Shared, reports: Any
     """A worker process's whole life. Ctrl-C is for the bench process, which ends its
     workers itself."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    tune_gc()
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked to start
     ok = run_worker(role, plan, index, shared, reports)

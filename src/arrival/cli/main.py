@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import TYPE_CHECKING, Annotated
 
@@ -123,6 +124,13 @@ def bench(
             "--server", help="start an `arrival serve` on a fresh temp dir and bench through it"
         ),
     ] = False,
+    gc_threshold: Annotated[
+        int | None,
+        typer.Option(
+            help="run the bench and its workers with gc.set_threshold(N, 50, 100), as a "
+            "tuned application would (default: Python's; `arrival serve` sets its own)"
+        ),
+    ] = None,
     as_json: Json = False,
 ) -> None:
     """Measure end-to-end throughput and latency (send to processed) per guarantee:
@@ -144,6 +152,13 @@ def bench(
         raise usage("give --server or --url, not both")
     if runs < 1:
         raise usage(f"--runs must be at least 1, not {runs}")
+    if gc_threshold is not None:
+        if gc_threshold < 1:
+            raise usage(f"--gc-threshold must be at least 1, not {gc_threshold}")
+        from arrival.cli.bench_workers import GC_ENV, tune_gc
+
+        os.environ[GC_ENV] = str(gc_threshold)  # spawned workers inherit it
+        tune_gc()
     options = [
         BenchOptions(
             guarantee=g,
