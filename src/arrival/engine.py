@@ -77,8 +77,8 @@ __all__ = ["DeadMessage", "Delivery", "Engine", "Ticket"]
 
 DLQ_GROUP = "~dlq"  # the group through which a dead-letter queue is listed, replayed, purged
 SNAPSHOT_EVERY = 256  # group deltas between snapshots: bounds recovery time and row count
-CACHE_MESSAGES = 262_144  # decoded messages kept in memory per queue; older ones are re-read
-CACHE_BYTES = 32 << 20  # and at most this many stored bytes of them (large messages)
+CACHE_MESSAGES = 262_144  # decoded messages kept in memory, all queues together; older
+CACHE_BYTES = 64 << 20  # ones are re-read. And at most this many stored bytes of them
 FLOOR_TICK_S = 1.0  # retention is kept to this precision; bounds floor_times to one per s
 HOUSEKEEPING_S = 0.25  # how often the writer expires leases and trims when idle
 CANARY_GAP_S = 0.25  # canaries only: how late the broken step comes (arrival._canary)
@@ -269,8 +269,6 @@ class _Group:
 class _Queue:
     __slots__ = (
         "cache",
-        "cached",
-        "cached_bytes",
         "counts",
         "end",
         "firsts",
@@ -295,9 +293,7 @@ class _Queue:
         # backlog of millions of one-message batches costs megabytes, not a list of ints
         self.firsts: array[int] = array("q")
         self.counts: array[int] = array("q")
-        self.cache: OrderedDict[int, _Batch] = OrderedDict()
-        self.cached = 0  # messages in the cache
-        self.cached_bytes = 0  # their stored size
+        self.cache: dict[int, _Batch] = {}  # by first offset; the engine bounds it
         self.groups: dict[str, _Group] = {}
         self.sent = 0
         self.floor_times: deque[tuple[int, float]] = deque()  # (min floor, when reached)
@@ -353,6 +349,10 @@ class Engine:
         self._cv = threading.Condition(self._lock)  # consumers wait here for changes
         self._writer_cv = threading.Condition(self._lock)
         self._queues: dict[str, _Queue] = {}
+        # decoded batches of every queue, oldest first: (queue, first) -> (queue, batch)
+        self._cached: OrderedDict[tuple[str, int], tuple[_Queue, _Batch]] = OrderedDict()
+        self.cached = 0  # messages in it
+        self.cached_bytes = 0  # their stored size
         self._members: dict[int, _Member] = {}
         self._member_ids = itertools.count(1)
         self._pending: list[tuple[_Queue, int, int, bytes, list[RecordTuple], Ticket | None]] = []
@@ -488,17 +488,24 @@ class Engine:
         return b
 
     def _cache(self, q: _Queue, b: _Batch) -> None:
-        old = q.cache.pop(b.first, None)
-        if old is not None:
-            q.cached -= len(old.records)
-            q.cached_bytes -= old.size
+        """Keep ``b`` decoded; the oldest cached batches of any queue make room. One
+        budget for all queues: a broker's memory does not grow with its queue count."""
+        self._uncache(q, b.first)
         q.cache[b.first] = b
-        q.cached += len(b.records)
-        q.cached_bytes += b.size
-        while (q.cached > CACHE_MESSAGES or q.cached_bytes > CACHE_BYTES) and len(q.cache) > 2:
-            _, old = q.cache.popitem(last=False)
-            q.cached -= len(old.records)
-            q.cached_bytes -= old.size
+        self._cached[(q.name, b.first)] = (q, b)
+        self.cached += len(b.records)
+        self.cached_bytes += b.size
+        lru = self._cached
+        while (self.cached > CACHE_MESSAGES or self.cached_bytes > CACHE_BYTES) and len(lru) > 2:
+            (_, first), (oq, _old) = next(iter(lru.items()))
+            self._uncache(oq, first)
+
+    def _uncache(self, q: _Queue, first: int) -> None:
+        gone = q.cache.pop(first, None)
+        if gone is not None:
+            del self._cached[(q.name, first)]
+            self.cached -= len(gone.records)
+            self.cached_bytes -= gone.size
 
     # -- queues -----------------------------------------------------------------------
 
@@ -1322,10 +1329,7 @@ class Engine:
             q.low = below
             n = bisect.bisect_left(q.firsts, below)
             for first in q.firsts[:n]:
-                gone = q.cache.pop(first, None)
-                if gone is not None:
-                    q.cached -= len(gone.records)
-                    q.cached_bytes -= gone.size
+                self._uncache(q, first)
             del q.firsts[:n], q.counts[:n]
         return ws, published, tickets
 
