@@ -167,9 +167,10 @@ def test_a_failing_message_is_retried_and_the_rest_of_the_batch_commits(
         on_commit=lambda msgs: commits.append([m.id for m in msgs]),
     )
     assert result_tuple(r) == (5, 2, 0)
-    # NO_BACKOFF: the nacked message came straight back, into the same batch
+    # NO_BACKOFF: the nacked message came straight back; the rest of its batch had
+    # committed already, since no more input was waiting
     assert [a for a in attempts if a[0] == "m2"] == [("m2", 1), ("m2", 2), ("m2", 3)]
-    assert commits == [["m0", "m1", "m3", "m4", "m2"]]
+    assert commits == [["m0", "m1", "m3", "m4"], ["m2"]]
     assert ids(broker, "out") == ["m0/0", "m1/0", "m3/0", "m4/0", "m2/0"]
     out = bodies(drain(broker.consumer("out", "reader")))
     assert [b for b in out if b.startswith(b"m2")] == [b"m2@3"]
@@ -473,12 +474,13 @@ def test_a_newer_processor_with_the_same_id_fences_the_older(
     broker: arrival.Broker, clock: FakeClock
 ) -> None:
     setup_queues(broker)
-    feed(broker, 2)
+    feed(broker, 1)
     older, newer = broker.consumer("in", "g"), broker.consumer("in", "g")
     newer_results: list[arrival.ProcessResult] = []
 
     def handler(msg: arrival.Message, out: arrival.Outputs) -> None:
-        if not newer_results:  # while the older holds m0, a newer processor starts
+        if not newer_results:  # while the older holds m0, m1 arrives and a newer starts
+            broker.producer().send("in", b"m1", id="m1")
             newer_results.append(newer.process(transform, transactional_id="t", limit=1))
         transform(msg, out)
 
@@ -747,7 +749,8 @@ def test_aio_fenced_processor_stops(stores: Stores, clock: FakeClock) -> None:
         newer_results: list[arrival.ProcessResult] = []
 
         async def handler(msg: arrival.aio.Message, out: arrival.aio.Outputs) -> None:
-            if not newer_results:
+            if not newer_results:  # while the older holds m0, m1 arrives and a newer starts
+                await b.producer().send("in", b"m1", id="m1")
                 newer_results.append(await newer.process(atransform, transactional_id="t", limit=1))
             await atransform(msg, out)
 
@@ -756,7 +759,7 @@ def test_aio_fenced_processor_stops(stores: Stores, clock: FakeClock) -> None:
         assert result_tuple(newer_results[0]) == (1, 0, 0)
         assert await _aids(b, "out") == ["m1/0"]
 
-    with_broker(stores, clock, body, feed_n=2)
+    with_broker(stores, clock, body, feed_n=1)
 
 
 def test_aio_closing_from_another_task_ends_the_loop(stores: Stores, clock: FakeClock) -> None:
@@ -821,3 +824,59 @@ def test_a_bad_transaction_timeout_is_refused_before_taking_messages(
     with pytest.raises(UsageError, match="timeout"):
         c.process(transform, transactional_id="t", timeout=0, limit=1)
     assert c.stats().in_flight == 0
+
+
+def test_small_transactions_share_one_receive(
+    broker: arrival.Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # one transaction per message, but not a receive per message: a round trip for each
+    # would double the requests of a transaction against a server
+    setup_queues(broker)
+    feed(broker, 10)
+    c = broker.consumer("in", "g")
+    asked: list[int] = []
+    receive_batch = c.receive_batch
+
+    def counting(max_messages: int = 100, timeout: float | None = None) -> list[arrival.Message]:
+        asked.append(max_messages)
+        return receive_batch(max_messages, timeout=timeout)
+
+    monkeypatch.setattr(c, "receive_batch", counting)
+    commits: list[list[str]] = []
+    r = c.process(
+        transform,
+        transactional_id="t",
+        batch=1,
+        limit=10,
+        on_commit=lambda msgs: commits.append([m.id for m in msgs]),
+    )
+    assert result_tuple(r) == (10, 0, 0)
+    assert commits == [[f"m{i}"] for i in range(10)]  # still one transaction each
+    assert asked[0] == 10  # all ten (up to the limit) in the first receive
+    assert len(asked) == 1
+
+
+def test_a_fenced_loop_gives_back_what_it_received_for_later_transactions(
+    broker: arrival.Broker,
+) -> None:
+    setup_queues(broker)
+    feed(broker, 3)
+    fenced = False
+
+    def handler(msg: arrival.Message, out: arrival.Outputs) -> None:
+        nonlocal fenced
+        if not fenced:  # a newer holder of the id: the loop's first commit is fenced
+            fenced = True
+            with broker.transaction("t"):
+                pass
+        transform(msg, out)
+
+    with pytest.raises(ProducerFenced):
+        broker.consumer("in", "g").process(handler, transactional_id="t", batch=1)
+    # m1 and m2 were received with m0 and never handled: they are back at once (no
+    # waiting out a lease), with no attempt spent
+    back = broker.consumer("in", "g").receive_batch(10, timeout=0)
+    assert sorted(m.id for m in back) == ["m0", "m1", "m2"]
+    g = group_stats(broker)
+    assert (g.nacked, g.expired, g.waiting_retry) == (0, 0, 0)  # released, not failed
+    assert ids(broker, "out") == []

@@ -16,6 +16,9 @@ Invariants:
    counted and its messages come back. A fenced loop releases its batch to the newer
    holder and stops.
 4. The loop holds one epoch of its transactional id for all its transactions.
+5. A transaction commits when it holds ``batch`` messages, when no more input is waiting,
+   or ``interval`` after it opened. Small transactions (one per message, say) share a
+   receive; what a fenced or stopped loop received and did not handle goes back at once.
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ __all__ = ["MAX_IN_FLIGHT", "Handle", "Nack", "ProcessResult", "Receive", "Relea
 MAX_IN_FLIGHT = 16
 """Commits a loop may have in flight: with one transaction per message, this many share
 an fsync instead of waiting for one each."""
+
+PREFETCH = 256
+"""With transactions smaller than this, a receive takes messages for several of them."""
 
 
 @dataclass
@@ -135,7 +141,25 @@ def steps(
     in_flight: deque[tuple[Pending[None], TransactionCore, list[Any]]] = deque()
     pending = 0  # messages in ``in_flight``
     opened = last_seen = time.monotonic()
+    waiting: list[Any] = []  # received for transactions not begun yet
     epoch = yield Wait(backend.begin_transaction(transactional_id))
+
+    def give_back(msgs: list[Any]) -> Generator[Command, Any, None]:
+        """Fenced: a newer holder took over. Hand it at once ``msgs``, the batches still
+        in flight (committed after, in the same epoch: fenced too) and what was received
+        for later transactions, rather than leave them leased until their leases expire."""
+        nonlocal pending, waiting
+        for m in msgs:
+            yield Release(m)
+        while in_flight:
+            _commit, core, more = in_flight.popleft()
+            pending -= len(more)
+            core.finished(False)
+            for m in more:
+                yield Release(m)
+        rest, waiting = waiting, []
+        for m in rest:
+            yield Release(m)
 
     def settle_one() -> Generator[Command, Any, None]:
         nonlocal pending
@@ -145,8 +169,7 @@ def steps(
             yield Wait(commit)  # a storage failure is thrown in: the broker stopped
         except ProducerFenced:
             core.finished(False)
-            for m in msgs:  # a newer holder took over: hand it these messages at once
-                yield Release(m)
+            yield from give_back(msgs)
             raise
         except (ReceiptError, TransactionTimedOut):
             core.finished(False)  # refused over the network: as below, nothing took effect
@@ -170,9 +193,7 @@ def steps(
         try:
             commit = current.submit()
         except ProducerFenced:
-            # a newer holder took over: hand it this batch's messages at once
-            for m in msgs:
-                yield Release(m)
+            yield from give_back(msgs)
             raise
         except (ReceiptError, TransactionTimedOut):
             result.aborted += 1  # nothing took effect; the inputs are redelivered
@@ -195,7 +216,13 @@ def steps(
             now = time.monotonic()
             if idle is not None and not held and not in_flight and now - last_seen >= idle:
                 break
-            want = batch - held if limit is None else min(batch - held, limit - done)
+            want = batch - held
+            if not held and batch < PREFETCH:
+                # small transactions: one receive for several of them (up to the commits
+                # that may still go in flight), not a round trip for each
+                want = min(batch * max(1, MAX_IN_FLIGHT - len(in_flight)), PREFETCH)
+            if limit is not None:
+                want = min(want, limit - done)
             if held:
                 wait = 0.0  # what is there now joins the batch; a dry input commits it
             elif in_flight:
@@ -214,22 +241,31 @@ def steps(
             dry = len(msgs) < want  # nothing more waiting right now
             if msgs:
                 last_seen = time.monotonic()
+            i = 0
+            while i < len(msgs):  # in transactions of up to ``batch`` messages
+                if i and stop is not None and stop():
+                    waiting = []
+                    for m in msgs[i:]:  # received, not handled: back without an attempt
+                        yield Release(m)
+                    break
                 if tx is None:
                     tx = TransactionCore(backend, transactional_id, timeout, epoch)
-                    opened = last_seen
-            if msgs:
-                assert tx is not None
-                errors = yield Handle(msgs, [make_outputs(tx, m) for m in msgs])
-                for msg, error in zip(msgs, errors, strict=True):
+                    opened = time.monotonic()
+                chunk = msgs[i : i + batch - len(batch_msgs)]
+                i += len(chunk)
+                waiting = msgs[i:]
+                errors = yield Handle(chunk, [make_outputs(tx, m) for m in chunk])
+                for msg, error in zip(chunk, errors, strict=True):
                     if error is not None:
                         result.failed += 1
                         yield Nack(msg, f"{type(error).__name__}: {error}")
                         continue
                     tx.ack(msg)
                     batch_msgs.append(msg)
-            if tx is not None and (
-                len(batch_msgs) >= batch or dry or time.monotonic() - opened >= interval
-            ):
+                if len(batch_msgs) >= batch:
+                    yield from commit()
+            waiting = []
+            if tx is not None and (dry or time.monotonic() - opened >= interval):
                 if batch_msgs:
                     yield from commit()
                 else:
