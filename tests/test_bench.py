@@ -24,7 +24,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 import arrival.cli.bench_workers as bench_workers
-from arrival.cli.bench import BenchOptions, ProgressState, run_bench
+from arrival.cli.bench import BenchOptions, ProgressState, run_bench, start_server
 from arrival.cli.bench_measure import LatencyHistogram
 from arrival.cli.bench_report import render
 from arrival.cli.main import app
@@ -479,3 +479,14 @@ def test_gc_threshold_tunes_the_bench_and_its_workers(monkeypatch: pytest.Monkey
     assert bench_json("-g", "at-most-once", "--count", "2000")["environment"][
         "gc_threshold"
     ] == list(before)
+
+
+def test_the_server_bench_starts_is_not_in_the_terminals_process_group() -> None:
+    # Ctrl-C signals the terminal's foreground process group: a server in it would stop
+    # under running workers (which then fail to connect) instead of after them
+    server = start_server()
+    try:
+        assert os.getsid(server.pid) == server.pid  # a session (and group) of its own
+        assert os.getpgid(server.pid) != os.getpgid(0)
+    finally:
+        server.stop()

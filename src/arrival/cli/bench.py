@@ -734,6 +734,9 @@ def start_server() -> BenchServer:
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
+            # not in the terminal's process group: Ctrl-C reaches the bench alone, which
+            # ends its workers and then stops this server itself, in that order
+            start_new_session=True,
         )
     except BaseException:
         shutil.rmtree(data, ignore_errors=True)
