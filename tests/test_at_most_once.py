@@ -212,3 +212,23 @@ def test_redeclare_at_most_once(broker: arrival.Broker) -> None:
         broker.create_queue("q", "at-most-once", capacity=20, drop="newest")
     with pytest.raises(arrival.errors.InvalidQueueSpec, match="drop must be"):
         broker.create_queue("q2", "at-most-once", drop="middle")
+
+
+def test_acks_of_at_most_once_messages_never_reach_the_broker(
+    broker: arrival.Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # handed out is processed: an ack has nothing to tell the broker, so it costs no
+    # request (against a server, no round trip per batch)
+    broker.create_queue("q", "at-most-once")
+    broker.producer().send_batch("q", [b"x", b"y", b"z"])
+    c = broker.consumer("q", "g")
+    msgs = c.receive_batch(10, timeout=0)
+    assert len(msgs) == 3
+
+    def no_ack(*args: object) -> None:
+        raise AssertionError("an at-most-once ack reached the backend")
+
+    monkeypatch.setattr(c._b, "ack", no_ack)
+    c.ack_batch(msgs)
+    msgs[0].ack()
+    c.ack_batch([])

@@ -932,3 +932,24 @@ def test_the_error_frame_fits_the_smallest_max_frame() -> None:
     assert isinstance(err, Error)
     assert err.id is None
     assert err.message
+
+
+def test_raw_results_leave_a_replys_result_as_msgpack_for_the_caller() -> None:
+    # the client decodes a reply's result into the type it expects in one pass
+    client, server = pair(raw_results=True)
+    client.send(Request(id=1, op="receive"))
+    result = [1.5, [[0, 1, 0.0, [1.0, None, None, None, b"body"]]]]
+    (reply,) = deliver(server.send(Reply(1, result)), client)
+    assert isinstance(reply, Reply)
+    assert isinstance(reply.result, msgspec.Raw)
+    assert msgspec.msgpack.decode(reply.result) == result
+    typed = msgspec.msgpack.decode(
+        reply.result, type=tuple[float, list[tuple[int, int, float, Any]]]
+    )
+    assert typed[1][0][:3] == (0, 1, 0.0)
+    # errors and pushes are still plain events, and the envelope is still checked
+    client.send(Request(id=2, op="x"))
+    (err,) = deliver(server.send(Error(2, "UsageError", "no")), client)
+    assert err == Error(2, "UsageError", "no")
+    with pytest.raises(RemoteProtocolError):
+        deliver(frame({"type": "rep", "id": "three", "result": 1}), client)
