@@ -3,6 +3,7 @@ speed, and the failure paths (bad values, a worker that fails or dies, Ctrl-C)."
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import io
 import json
@@ -358,7 +359,15 @@ def _spawn_bench(tmp_path: Path, marker: str, *args: str) -> subprocess.Popen[st
         text=True,
         env=env,
         start_new_session=True,  # its own process group, as a terminal's job
+        # as from a terminal: a test run started in the background (``cmd &`` in a
+        # script) ignores SIGINT, and an ignored SIGINT is inherited, so Python would
+        # not turn Ctrl-C into KeyboardInterrupt
+        preexec_fn=_sigint_default,
     )
+
+
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _children(pid: int) -> dict[int, str]:
@@ -443,7 +452,10 @@ def test_ctrl_c_ends_the_workers_the_server_and_the_temp_dirs(tmp_path: Path) ->
         _, stderr = bench.communicate(timeout=30)
     finally:
         if bench.poll() is None:
-            bench.kill()
+            for pid in _children(bench.pid):  # the server runs in a session of its own
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            os.killpg(bench.pid, signal.SIGKILL)
             bench.communicate()
     assert bench.returncode == 130, stderr
     assert "interrupted" in stderr
