@@ -13,19 +13,16 @@ import msgspec
 
 from arrival import errors
 from arrival._codec import RecordTuple
-from arrival.engine import Delivery
 from arrival.protocol import Error
 
 __all__ = [
     "decode_bodies",
     "decode_error",
     "decode_receipts",
-    "encode_deliveries",
     "encode_error",
     "from_plain",
     "record",
     "to_plain",
-    "without_empty_headers",
 ]
 
 T = TypeVar("T")
@@ -44,18 +41,6 @@ def from_plain(data: Any, kind: type[T]) -> T:
 def record(data: Any) -> RecordTuple:
     ts, mid, key, headers, body = data
     return (float(ts), mid, key, dict(headers) if headers else None, bytes(body))
-
-
-def encode_deliveries(got: list[Delivery]) -> list[Delivery]:
-    """Deliveries as they are: MessagePack encodes their tuples as arrays, in C."""
-    return got
-
-
-def without_empty_headers(got: list[Delivery]) -> list[Delivery]:
-    """Decoded deliveries with empty headers as None, as the engine stores them."""
-    if any(rec[3] is not None and not rec[3] for _, _, _, rec in got):
-        got = [(o, a, d, (r[0], r[1], r[2], r[3] or None, r[4])) for o, a, d, r in got]
-    return got
 
 
 def decode_receipts(data: Any) -> list[tuple[int, int]]:

@@ -39,7 +39,7 @@ from arrival._backend import Backend, Where
 from arrival._codec import RecordTuple
 from arrival._common import ProducerCore
 from arrival._pending import Future, Pending, Ready
-from arrival._wire import decode_error, from_plain, to_plain, without_empty_headers
+from arrival._wire import decode_error, from_plain, to_plain
 from arrival.engine import DeadMessage, Delivery, ProducerSeq, Send, TxnAcks
 from arrival.errors import (
     ArrivalError,
@@ -613,7 +613,7 @@ class RemoteBackend(Backend):
         def decode(result: tuple[float, list[Delivery]]) -> list[Delivery]:
             server_now, deliveries = result
             self._server_clock = server_now - time.monotonic()
-            return without_empty_headers(deliveries)
+            return deliveries
 
         args = {"m": member, "n": limit, "timeout": timeout}
         return self._call("receive", args, _Typed(_received_deliveries, decode))
