@@ -54,7 +54,7 @@ def test_only_the_engine_joins_semantics_and_storage() -> None:
 
 
 def test_cli_uses_only_the_public_api() -> None:
-    allowed = ("arrival", "arrival.errors", "arrival.cli", "arrival.server")
+    allowed = ("arrival", "arrival.errors", "arrival.cli", "arrival.server", "arrival.app.worker")
     for path, mods in _package_imports("cli").items():
         bad = {
             m

@@ -65,7 +65,7 @@ def test_queues_produce_consume_and_dlq(tmp_path: Path) -> None:
     assert "replayed 1" in run("dlq", "replay", "orders", "--url", url)
     consumed = run("consume", "orders", "--group", "cli", "--timeout", "0.2", "--url", url)
     assert "attempt=1" in consumed
-    assert "purged 0" in run("dlq", "purge", "orders", "--url", url)
+    assert "purged 0" in run("dlq", "purge", "orders", "--yes", "--url", url)
 
 
 def test_errors_are_one_clear_line_and_exit_2(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ with broker.transaction("billing-1") as tx:   # exactly-once: sends and acks tog
 
 from arrival import errors
 from arrival._common import Envelope
+from arrival._replay import Replayed
 from arrival._sync import (
     Broker,
     Consumer,
@@ -28,6 +29,16 @@ from arrival._sync import (
     Producer,
     Transaction,
     connect,
+)
+from arrival.app import (
+    App,
+    BreakerState,
+    CircuitBreaker,
+    Context,
+    HandlerStats,
+    RetryPolicy,
+    decode,
+    encode,
 )
 from arrival.engine import DeadMessage
 from arrival.inbox import Inbox, inbox
@@ -48,17 +59,22 @@ from arrival.router import Route, Router
 __version__ = "0.1.0"
 
 __all__ = [
+    "App",
     "Backoff",
+    "BreakerState",
     "Broker",
     "BrokerStats",
+    "CircuitBreaker",
     "Consumer",
     "ConsumerStats",
+    "Context",
     "DeadLetters",
     "DeadMessage",
     "DropPolicy",
     "Envelope",
     "GroupStats",
     "Guarantee",
+    "HandlerStats",
     "Inbox",
     "Message",
     "Outputs",
@@ -67,12 +83,16 @@ __all__ = [
     "QueueDescription",
     "QueueSpec",
     "QueueStats",
+    "Replayed",
+    "RetryPolicy",
     "Route",
     "Router",
     "StoredMessage",
     "Transaction",
     "__version__",
     "connect",
+    "decode",
+    "encode",
     "errors",
     "inbox",
 ]

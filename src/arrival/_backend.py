@@ -157,8 +157,9 @@ class Backend:
         raise NotImplementedError
 
     def replay_dead_letters(
-        self, queue: str, where: Where, limit: int | None, dry_run: bool
-    ) -> Pending[list[DeadMessage]]:
+        self, queue: str, where: Where, limit: int | None, dry_run: bool, max_replays: int | None
+    ) -> Pending[tuple[list[DeadMessage], list[DeadMessage]]]:
+        """(replayed, held back by the loop guard): ``Engine.replay_dead_letters``."""
         raise NotImplementedError
 
     def purge_dead_letters(self, queue: str, where: Where) -> Pending[int]:
@@ -326,16 +327,18 @@ class LocalBackend(Backend):
         return TicketResult(engine.flush(), listed)  # including those moved just now
 
     def replay_dead_letters(
-        self, queue: str, where: Where, limit: int | None, dry_run: bool
-    ) -> Pending[list[DeadMessage]]:
+        self, queue: str, where: Where, limit: int | None, dry_run: bool, max_replays: int | None
+    ) -> Pending[tuple[list[DeadMessage], list[DeadMessage]]]:
         engine = self.engine
 
-        def replay() -> list[DeadMessage]:
+        def replay() -> tuple[list[DeadMessage], list[DeadMessage]]:
             engine.flush().wait()
-            chosen, ticket = engine.replay_dead_letters(queue, where, limit=limit, dry_run=dry_run)
+            chosen, held, ticket = engine.replay_dead_letters(
+                queue, where, limit=limit, dry_run=dry_run, max_replays=max_replays
+            )
             if ticket is not None:
                 ticket.wait()
-            return chosen
+            return chosen, held
 
         return Deferred(replay)
 

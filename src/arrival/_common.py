@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from arrival import tracing
 from arrival._backend import Backend, LocalBackend
 from arrival._clock import Clock
 from arrival._codec import RecordTuple
@@ -32,6 +33,7 @@ from arrival.model import Guarantee, QueueSpec
 from arrival.semantics.spec import UNSET, resolve_spec
 from arrival.storage.base import Storage
 from arrival.storage.memory import MemoryStorage
+from arrival.tracing import ENABLED as TRACING
 
 __all__ = [
     "Envelope",
@@ -322,7 +324,14 @@ class ProducerCore:
         self, queue: str, messages: Sequence[Send] | None, bodies: list[bytes] | None = None
     ) -> Steps[int | None]:
         """Steps (``_pending.drive``) that send and return the first offset (None for
-        at-most-once queues)."""
+        at-most-once queues); traced (``arrival.tracing``) when opentelemetry is installed."""
+        if TRACING:  # one check a call, not a message
+            return tracing.traced_send(self._send, queue, messages, bodies)
+        return self._send(queue, messages, bodies)
+
+    def _send(
+        self, queue: str, messages: Sequence[Send] | None, bodies: list[bytes] | None = None
+    ) -> Steps[int | None]:
         if not (messages if bodies is None else bodies):
             raise UsageError("send needs at least one message")
         yield from self.registered()
@@ -333,7 +342,7 @@ class ProducerCore:
         if self.id is None and spec.guarantee is not Guarantee.AT_MOST_ONCE:
             shared = backend.shared_producer()
             if shared is not None:  # over the network: numbered, so a resend is stored once
-                offset_: int | None = yield from shared.send(queue, messages, bodies)
+                offset_: int | None = yield from shared._send(queue, messages, bodies)
                 return offset_
         if self._window is not None:
             # a backend that repeats sends (the network client) numbers a send before
@@ -510,7 +519,10 @@ class TransactionCore:
 
     def add(self, queue: str, messages: Sequence[Send], source: MessageBase | None) -> None:
         """Buffer ``messages`` for ``queue``: checked now, sent at commit."""
-        self.add_all([(queue, m) for m in messages], source)
+        items = [(queue, m) for m in messages]
+        if TRACING:  # in the sender's context; before the size check, which counts it
+            items = tracing.traced_items(items)
+        self.add_all(items, source)
 
     def add_all(self, items: Sequence[tuple[str, Send]], source: MessageBase | None) -> None:
         """Buffer (queue, message) pairs: all of them, or (on an error) none. The queues'

@@ -25,17 +25,27 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from arrival import tracing
 from arrival._backend import Backend
-from arrival._common import MessageBase, TransactionCore, check_seconds
+from arrival._common import MessageBase, TransactionCore, check_seconds, to_send
 from arrival._pending import Pending, Steps
 from arrival.engine import Send
 from arrival.errors import ProducerFenced, ReceiptError, TransactionTimedOut, UsageError
 
-__all__ = ["MAX_IN_FLIGHT", "Handle", "Nack", "ProcessResult", "Receive", "Release", "Wait"]
+__all__ = [
+    "MAX_IN_FLIGHT",
+    "Failure",
+    "Handle",
+    "Nack",
+    "ProcessResult",
+    "Receive",
+    "Release",
+    "Wait",
+]
 
 MAX_IN_FLIGHT = 16
 """Commits a loop may have in flight: with one transaction per message, this many share
@@ -77,6 +87,20 @@ class OutputsBase:
     def _flush(self) -> None:
         self._core.add_all(self._items, self._source)
 
+    def _add(
+        self,
+        queue: str,
+        body: bytes,
+        key: str | None,
+        headers: Mapping[str, str] | None,
+        mid: str | None,
+    ) -> None:
+        """``send`` without the await, for code that runs outside the event loop."""
+        message = to_send(body, key, headers, mid)
+        if tracing.ENABLED:  # in the handler's context: its span is the output's parent
+            message = tracing.traced_message(queue, message)
+        self._items.append((queue, message))
+
 
 class Receive(NamedTuple):
     """Receive up to ``want`` messages within ``wait`` seconds; reply: the list, or None
@@ -97,8 +121,13 @@ class Handle(NamedTuple):
 
 
 class Nack(NamedTuple):
+    """Settle a message whose handler failed: nack it (after ``delay``, or the queue's
+    backoff when None), or reject it to the dead-letter queue when ``dead_letter``."""
+
     msg: Any
     error: str
+    delay: float | None = None
+    dead_letter: bool = False
 
 
 class Release(NamedTuple):
@@ -112,6 +141,11 @@ class Wait(NamedTuple):
 
 
 Command = Receive | Handle | Nack | Release | Wait
+
+Failure = tuple[float | None, bool]
+"""What ``on_error(msg, exc)`` decides for a failed message: (nack delay or None for the
+queue's backoff, True to dead-letter it now); None instead releases it without spending
+an attempt (the failure was not the message's: a circuit breaker opened, say)."""
 
 
 def check_arguments(batch: object, interval: object, timeout: object) -> None:
@@ -133,6 +167,7 @@ def steps(
     idle: float | None,
     stop: Callable[[], bool] | None,
     on_commit: Callable[[list[Any]], None] | None,
+    on_error: Callable[[Any, Exception], Failure | None] | None = None,
 ) -> Generator[Command, Any, ProcessResult]:
     """The loop of ``Consumer.process``; see the module docstring."""
     result = ProcessResult()
@@ -258,7 +293,12 @@ def steps(
                 for msg, error in zip(chunk, errors, strict=True):
                     if error is not None:
                         result.failed += 1
-                        yield Nack(msg, f"{type(error).__name__}: {error}")
+                        text = f"{type(error).__name__}: {error}"
+                        decision = (None, False) if on_error is None else on_error(msg, error)
+                        if decision is None:
+                            yield Release(msg)  # not the message's fault: no attempt spent
+                        else:
+                            yield Nack(msg, text, *decision)
                         continue
                     tx.ack(msg)
                     batch_msgs.append(msg)

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any
 
+from arrival import tracing
 from arrival._backend import Backend, LocalBackend
 from arrival._clock import Clock
 from arrival._common import (
@@ -27,6 +28,7 @@ from arrival._common import (
 from arrival._pending import drive
 from arrival._process import (
     Command,
+    Failure,
     Handle,
     Nack,
     OutputsBase,
@@ -37,6 +39,7 @@ from arrival._process import (
     check_arguments,
     steps,
 )
+from arrival._replay import DEFAULT_MAX_REPLAYS, Progress, Replayed, replay_steps
 from arrival.engine import DeadMessage, Engine
 from arrival.errors import (
     BrokerUnreachable,
@@ -398,7 +401,10 @@ class Outputs(OutputsBase):
         id: str | None = None,  # noqa: A002 - the SPEC's name
     ) -> None:
         """Send ``body`` to ``queue`` when this message's transaction commits."""
-        self._items.append((queue, to_send(body, key, headers, id)))
+        message = to_send(body, key, headers, id)
+        if tracing.ENABLED:  # in the handler's context: its span is the output's parent
+            message = tracing.traced_message(queue, message)
+        self._items.append((queue, message))
 
 
 class Message(MessageBase):
@@ -512,6 +518,7 @@ class Consumer:
         idle: float | None = None,
         stop: Callable[[], bool] | None = None,
         on_commit: Callable[[list[Message]], None] | None = None,
+        on_error: Callable[[Message, Exception], Failure | None] | None = None,
     ) -> ProcessResult:
         """Consume in transactions: exactly-once consume-transform-produce.
 
@@ -530,8 +537,11 @@ class Consumer:
 
         Runs until ``limit`` messages were handled, no message came for ``idle`` seconds,
         ``stop()`` returns True, or the consumer is closed. ``on_commit(messages)`` is
-        called after each commit with the input messages it made final. Returns what it
-        did.
+        called after each commit with the input messages it made final.
+        ``on_error(msg, exc)``, when given, decides for a failed message: it returns
+        ``(delay, dead_letter)`` — nack after ``delay`` seconds (None: the queue's
+        backoff), or dead-letter it at once — or None to release it without spending an
+        attempt. Returns what it did.
         """
         check_arguments(batch, interval, timeout)
         gen = steps(
@@ -545,6 +555,7 @@ class Consumer:
             idle=idle,
             stop=stop,
             on_commit=on_commit,
+            on_error=on_error,
         )
 
         def execute(cmd: Command) -> Any:
@@ -569,7 +580,10 @@ class Consumer:
                 return errors
             elif type(cmd) is Nack:
                 with contextlib.suppress(LeaseExpired):  # it is redelivered anyway
-                    cmd.msg.nack(error=cmd.error)
+                    if cmd.dead_letter:
+                        cmd.msg.reject(cmd.error)
+                    else:
+                        cmd.msg.nack(cmd.delay, error=cmd.error)
             elif type(cmd) is Release:
                 with contextlib.suppress(ReceiptError):
                     cmd.msg.release()
@@ -617,11 +631,35 @@ class DeadLetters:
         *,
         limit: int | None = None,
         dry_run: bool = False,
-    ) -> builtins.list[DeadMessage]:
-        """Send dead letters (all, or those ``where`` selects) back to the group that failed
-        them, with a fresh attempt budget, and remove them from the dead-letter queue.
-        ``dry_run`` only returns what would be replayed."""
-        return self._b.replay_dead_letters(self.queue, where, limit, dry_run).wait()
+        max_replays: int | None = DEFAULT_MAX_REPLAYS,
+        rate: float | None = None,
+        progress: Progress | None = None,
+    ) -> Replayed:
+        """Send dead letters (all, or those ``where`` selects, at most ``limit``) back to
+        the group that failed them, with a fresh attempt budget, and remove them from the
+        dead-letter queue. Returns the letters replayed, as a list.
+
+        The loop guard: a letter already replayed ``max_replays`` times (its ``replays``)
+        is not replayed but quarantined: it stays, with ``quarantined`` set, and the
+        result's ``.quarantined`` lists it. A higher ``max_replays`` (None: no guard)
+        replays it anyway; ``purge`` removes it.
+
+        ``rate`` (letters/s) paces the replay: the letters chosen now go back in small
+        chunks, each its own commit, so the consumers are not flooded; this call blocks
+        until the last chunk and ``progress(result_so_far, total)`` runs after each.
+        Without it, all go back in one commit. ``dry_run`` changes nothing and returns
+        what would be replayed, and in ``.quarantined`` what the guard would keep."""
+        steps = replay_steps(
+            self._b,
+            self.queue,
+            where,
+            limit=limit,
+            dry_run=dry_run,
+            max_replays=max_replays,
+            rate=rate,
+            progress=progress,
+        )
+        return drive(steps)
 
     def purge(self, where: Callable[[DeadMessage], bool] | None = None) -> int:
         """Delete dead letters (all, or those ``where`` selects); returns how many."""

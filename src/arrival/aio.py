@@ -18,6 +18,7 @@ from typing import Any
 
 import msgspec
 
+from arrival import tracing
 from arrival._backend import Backend, LocalBackend
 from arrival._clock import Clock
 from arrival._common import (
@@ -36,6 +37,7 @@ from arrival._common import (
 from arrival._pending import Pending, adrive
 from arrival._process import (
     Command,
+    Failure,
     Handle,
     Nack,
     OutputsBase,
@@ -46,6 +48,7 @@ from arrival._process import (
     check_arguments,
     steps,
 )
+from arrival._replay import DEFAULT_MAX_REPLAYS, Progress, Replayed, replay_steps
 from arrival.engine import DeadMessage, Engine
 from arrival.errors import (
     BrokerUnreachable,
@@ -355,7 +358,10 @@ class Outputs(OutputsBase):
         headers: Mapping[str, str] | None = None,
         id: str | None = None,  # noqa: A002 - the SPEC's name
     ) -> None:
-        self._items.append((queue, to_send(body, key, headers, id)))
+        message = to_send(body, key, headers, id)
+        if tracing.ENABLED:  # in the handler's context: its span is the output's parent
+            message = tracing.traced_message(queue, message)
+        self._items.append((queue, message))
 
 
 class Message(MessageBase):
@@ -474,6 +480,7 @@ class Consumer:
         idle: float | None = None,
         stop: Callable[[], bool] | None = None,
         on_commit: Callable[[list[Message]], None] | None = None,
+        on_error: Callable[[Message, Exception], Failure | None] | None = None,
     ) -> ProcessResult:
         """See ``arrival.Consumer.process``; ``handler`` may be sync or async."""
         check_arguments(batch, interval, timeout)
@@ -489,6 +496,7 @@ class Consumer:
             idle=idle,
             stop=stop,
             on_commit=on_commit,
+            on_error=on_error,
         )
 
         async def execute(cmd: Command) -> Any:
@@ -515,7 +523,10 @@ class Consumer:
                 return errors
             elif type(cmd) is Nack:
                 with contextlib.suppress(LeaseExpired):  # it is redelivered anyway
-                    await cmd.msg.nack(error=cmd.error)
+                    if cmd.dead_letter:
+                        await cmd.msg.reject(cmd.error)
+                    else:
+                        await cmd.msg.nack(cmd.delay, error=cmd.error)
             elif type(cmd) is Release:
                 with contextlib.suppress(ReceiptError):
                     await cmd.msg.release()
@@ -565,8 +576,23 @@ class DeadLetters:
         *,
         limit: int | None = None,
         dry_run: bool = False,
-    ) -> builtins.list[DeadMessage]:
-        return await self._b.replay_dead_letters(self.queue, where, limit, dry_run)
+        max_replays: int | None = DEFAULT_MAX_REPLAYS,
+        rate: float | None = None,
+        progress: Progress | None = None,
+    ) -> Replayed:
+        """As ``arrival.DeadLetters.replay``; a paced replay awaits ``asyncio.sleep``
+        between its chunks."""
+        steps = replay_steps(
+            self._b,
+            self.queue,
+            where,
+            limit=limit,
+            dry_run=dry_run,
+            max_replays=max_replays,
+            rate=rate,
+            progress=progress,
+        )
+        return await adrive(steps)
 
     async def purge(self, where: Callable[[DeadMessage], bool] | None = None) -> int:
         return await self._b.purge_dead_letters(self.queue, where)

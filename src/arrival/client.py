@@ -39,6 +39,7 @@ from arrival._backend import Backend, Where
 from arrival._codec import RecordTuple
 from arrival._common import ProducerCore
 from arrival._pending import Future, Pending, Ready
+from arrival._replay import Offsets
 from arrival._wire import decode_error, from_plain, to_plain
 from arrival.engine import DeadMessage, Delivery, ProducerSeq, Send, TxnAcks
 from arrival.errors import (
@@ -660,6 +661,9 @@ class RemoteBackend(Backend):
         listed letters, and the server acts on their offsets (those still there)."""
         if where is None:
             return self._call(op, {"q": queue, "offsets": None, **extra}, decode)
+        if isinstance(where, Offsets):  # chosen by offset already: no listing needed
+            offsets = sorted(where.offsets)
+            return self._call(op, {"q": queue, "offsets": offsets, **extra}, decode)
         result: Future[Any] = Future()
         listed = self.dead_letters(queue, None)
 
@@ -676,10 +680,15 @@ class RemoteBackend(Backend):
         return result
 
     def replay_dead_letters(
-        self, queue: str, where: Where, limit: int | None, dry_run: bool
-    ) -> Pending[list[DeadMessage]]:
-        extra = {"limit": limit, "dry": dry_run}
-        return self._chosen("dlq_replay", queue, where, extra, _as(list[DeadMessage]))
+        self, queue: str, where: Where, limit: int | None, dry_run: bool, max_replays: int | None
+    ) -> Pending[tuple[list[DeadMessage], list[DeadMessage]]]:
+        extra = {"limit": limit, "dry": dry_run, "max_replays": max_replays}
+
+        def decode(data: Any) -> tuple[list[DeadMessage], list[DeadMessage]]:
+            result = from_plain(data, dict[str, list[DeadMessage]])
+            return result["replayed"], result["quarantined"]
+
+        return self._chosen("dlq_replay", queue, where, extra, decode)
 
     def purge_dead_letters(self, queue: str, where: Where) -> Pending[int]:
         return self._chosen("dlq_purge", queue, where, {}, int)

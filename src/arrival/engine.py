@@ -29,9 +29,9 @@ import re
 import threading
 import time
 from array import array
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from arrival import _canary, _crash
 from arrival._clock import Clock, SystemClock
@@ -54,6 +54,7 @@ from arrival.model import (
     ConsumerStats,
     GroupStats,
     Guarantee,
+    Histogram,
     QueueDescription,
     QueueSpec,
     QueueStats,
@@ -83,6 +84,9 @@ FLOOR_TICK_S = 1.0  # retention is kept to this precision; bounds floor_times to
 HOUSEKEEPING_S = 0.25  # how often the writer expires leases and trims when idle
 CANARY_GAP_S = 0.25  # canaries only: how late the broken step comes (arrival._canary)
 DEDUP_EXPIRY_S = 1.0  # how often idle producers and old message ids are forgotten
+# upper bounds (s) of the fsync latency histogram's buckets: a local SSD syncs in well
+# under a millisecond, a loaded disk or network volume in tens; seconds mean trouble
+FSYNC_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 # provenance headers of dead-lettered messages
 H_ORIGIN_QUEUE = "arrival-origin-queue"
@@ -97,6 +101,23 @@ H_REASON = "arrival-dead-letter-reason"
 H_DEAD_AT = "arrival-dead-lettered-at"
 H_REPLAY_GROUP = "arrival-replay-group"  # a replayed message goes to this group only
 H_REPLAYS = "arrival-replays"
+H_QUARANTINED = "arrival-quarantined"  # when a replay held the letter back (the loop guard)
+_DEAD_LETTER_HEADERS = frozenset(
+    {
+        H_ORIGIN_QUEUE,
+        H_ORIGIN_GROUP,
+        H_ORIGIN_OFFSET,
+        H_ATTEMPTS,
+        H_FAILURES,
+        H_FIRST_FAILURE,
+        H_LAST_FAILURE,
+        H_LAST_ERROR,
+        H_REASON,
+        H_DEAD_AT,
+        H_REPLAY_GROUP,
+        H_QUARANTINED,
+    }
+)
 
 Delivery = tuple[int, int, float, RecordTuple]
 """(offset, attempt, lease deadline, record); deadline is 0 on at-most-once queues."""
@@ -216,6 +237,10 @@ class DeadMessage:
     last_error: str | None
     first_failure: float | None
     last_failure: float | None
+    replays: int = 0  # times it was replayed before (the arrival-replays header)
+    # a replay held it back because it was replayed ``max_replays`` times already (the loop
+    # guard): it stays here until replayed with a higher ``max_replays`` or purged
+    quarantined: bool = False
 
 
 class _Batch:
@@ -366,6 +391,8 @@ class Engine:
         self._closed = False
         self._abandon = False
         self._next_dedup_expiry = 0.0
+        self._fsync_counts = [0] * (len(FSYNC_BUCKETS_S) + 1)  # the last: above every bound
+        self._fsync_sum_s = 0.0
         loaded = storage.load()
         try:
             self.epoch = int(loaded.meta.get("epoch", b"0")) + 1
@@ -380,7 +407,9 @@ class Engine:
                 if iq is not None and iq.ids is not None:
                     iq.ids.load(rows)
             ws = WriteSet(meta={"epoch": str(self.epoch).encode()})
-            storage.commit(ws)
+            synced_s = self._timed_commit(ws)
+            if synced_s is not None:
+                self._observe_fsync(synced_s)
         except BaseException:
             storage.close()
             raise
@@ -390,6 +419,24 @@ class Engine:
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("failed" if self._failure else "open")
         return f"<Engine {state} queues={len(self._queues)} epoch={self.epoch} {self.storage!r}>"
+
+    def _timed_commit(self, ws: WriteSet) -> float | None:
+        """Commit ``ws``; the seconds it took when it was fsynced, else None."""
+        syncs = self.storage.syncs
+        started = time.perf_counter()
+        self.storage.commit(ws)
+        return time.perf_counter() - started if self.storage.syncs != syncs else None
+
+    def _observe_fsync(self, seconds: float) -> None:
+        """Count one fsynced commit in the histogram; the caller holds the lock."""
+        self._fsync_counts[bisect.bisect_left(FSYNC_BUCKETS_S, seconds)] += 1
+        self._fsync_sum_s += seconds
+
+    def fsync_histogram(self) -> Histogram:
+        """How long each fsynced commit took (seconds), since the broker opened: one per
+        fsync counted in ``info().fsyncs``. Read at no cost to the commits it measures."""
+        with self._lock:
+            return Histogram(FSYNC_BUCKETS_S, tuple(self._fsync_counts), self._fsync_sum_s)
 
     # -- recovery ---------------------------------------------------------------------
 
@@ -587,16 +634,35 @@ class Engine:
                 m.queue.name, m.group.name, m.id, m.received, m.acked, m.nacked, m.rejected, held
             )
 
+    def _oldest_unacked_age(self, q: _Queue, g: _Group, now: float) -> float:
+        """Seconds since the oldest message ``g`` has not settled was stored; 0.0 when
+        none. One lookup: a group's floor is its oldest unsettled offset (lossy groups:
+        the head of their buffer). The caller holds the lock."""
+        s = g.state
+        if s is None:
+            head = g.lossy.first() if g.lossy is not None else None
+            return max(0.0, now - head[1][0]) if head is not None else 0.0
+        if s.floor >= q.visible or self._closed:  # a closed store can't be read
+            return 0.0
+        b = self._batch_at(q, s.floor)
+        return max(0.0, now - b.records[s.floor - b.first][0])
+
     def stats(self, name: str) -> QueueStats:
         with self._lock:
             q = self._queue(name)
             groups = []
+            now = self.clock.now()
+            members = Counter(m.group.name for m in self._members.values() if m.queue is q)
             for g in q.groups.values():
                 s = g.state
+                age = self._oldest_unacked_age(q, g, now)
+                n = members[g.name]
                 if s is None:
                     buf = g.lossy
                     assert buf is not None
-                    groups.append(GroupStats(g.name, len(buf), 0, 0, 0, 0, 0, 0, 0, 0, buf.dropped))
+                    groups.append(
+                        GroupStats(g.name, len(buf), 0, 0, 0, 0, 0, 0, 0, 0, buf.dropped, age, n)
+                    )
                     continue
                 groups.append(
                     GroupStats(
@@ -611,6 +677,8 @@ class Engine:
                         expired=s.n_expired,
                         dead_lettered=s.n_dead,
                         dropped=0,
+                        oldest_unacked_age=age,
+                        consumers=n,
                     )
                 )
             if q.lossy is not None:
@@ -1180,8 +1248,12 @@ class Engine:
         s: GroupState,
         where: Callable[[DeadMessage], bool] | None,
         limit: int | None,
+        max_replays: int | None = None,
+        held: list[DeadMessage] | None = None,
     ) -> list[DeadMessage]:
-        """The dead letters still in ``dlq`` that ``where`` selects, oldest first."""
+        """The dead letters still in ``dlq`` that ``where`` selects, oldest first, at most
+        ``limit``. With ``max_replays`` (the loop guard), a selected letter replayed that
+        often already goes to ``held`` instead, and does not count toward ``limit``."""
         out: list[DeadMessage] = []
         for off in range(s.floor, dlq.visible):
             if limit is not None and len(out) >= limit:
@@ -1189,8 +1261,13 @@ class Engine:
             if off in s.settled:
                 continue
             d = self._dead_message(dlq, off)
-            if where is None or where(d):
-                out.append(d)
+            if where is not None and not where(d):
+                continue
+            if max_replays is not None and d.replays >= max_replays:
+                if held is not None:
+                    held.append(d)
+                continue
+            out.append(d)
         return out
 
     def _dead_message(self, dlq: _Queue, off: int) -> DeadMessage:
@@ -1202,12 +1279,14 @@ class Engine:
             v = h.get(name)
             return float(v) if v is not None else None
 
+        replays = h.get(H_REPLAYS, "0")  # a producer may have set it: only digits count
         return DeadMessage(
             offset=off,
             id=mid,
             key=key,
             body=body,
-            headers=dict(h),
+            # the target of a quarantined copy (DLQ_GROUP) is bookkeeping, not provenance
+            headers={k: v for k, v in h.items() if k != H_REPLAY_GROUP},
             origin_queue=h.get(H_ORIGIN_QUEUE),
             origin_group=h.get(H_ORIGIN_GROUP),
             attempts=int(h.get(H_ATTEMPTS, "0")),
@@ -1215,6 +1294,8 @@ class Engine:
             last_error=h.get(H_LAST_ERROR),
             first_failure=num(H_FIRST_FAILURE),
             last_failure=num(H_LAST_FAILURE),
+            replays=int(replays) if replays.isdecimal() else 0,
+            quarantined=H_QUARANTINED in h,
         )
 
     def replay_dead_letters(
@@ -1224,39 +1305,73 @@ class Engine:
         *,
         limit: int | None = None,
         dry_run: bool = False,
-    ) -> tuple[list[DeadMessage], Ticket | None]:
+        max_replays: int | None = None,
+    ) -> tuple[list[DeadMessage], list[DeadMessage], Ticket | None]:
         """Send dead letters back to the group that failed them, and remove them from the DLQ.
 
         The replayed copy goes only to its origin group (other groups already have it),
-        with a fresh failure budget. Both happen in one commit.
+        with a fresh failure budget and its ``arrival-replays`` header one higher. Both
+        happen in one commit.
+
+        The loop guard: with ``max_replays``, a selected letter already replayed that many
+        times is not replayed but quarantined: it stays in the DLQ, marked with the
+        ``arrival-quarantined`` header, in the same commit. Marking re-files the letter at
+        the end of the DLQ (stored records are never rewritten): it keeps its id and
+        provenance and gets a new offset; the copy goes to the DLQ's listing only, not to
+        other groups consuming the DLQ. Returns (replayed, held back by the guard, the
+        commit's ticket or None); ``dry_run`` returns both lists and changes nothing.
         """
         with self._lock:
             self._check_open()
             dlq, g, s = self._dlq(queue)
             origin = self._queue(queue)
-            chosen = self._select_dead(dlq, s, where, limit)
-            if dry_run or not chosen:
-                return chosen, None
+            held: list[DeadMessage] = []
+            chosen = self._select_dead(dlq, s, where, limit, max_replays, held)
+            fresh = [d for d in held if not d.quarantined]  # marked by this call
+            if dry_run or not (chosen or fresh):
+                return chosen, held, None
             now = self.clock.now()
-            records: list[RecordTuple] = []
-            for d in chosen:
-                h = {
-                    k: v
-                    for k, v in d.headers.items()
-                    if not k.startswith("arrival-") or k == H_REPLAYS
-                }
-                h[H_REPLAYS] = str(int(h.get(H_REPLAYS, "0")) + 1)
-                if d.origin_group:
-                    h[H_REPLAY_GROUP] = d.origin_group
-                records.append((now, d.id, d.key, h, d.body))
-                s.settle_unleased(d.offset)
+            ticket: Ticket | None = None
+            if chosen:
+                records: list[RecordTuple] = []
+                for d in chosen:
+                    # the message's own headers (a router's arrival-type, a traceparent)
+                    # go back with it; its dead-letter provenance does not
+                    h = {k: v for k, v in d.headers.items() if k not in _DEAD_LETTER_HEADERS}
+                    h[H_REPLAYS] = str(d.replays + 1)
+                    if d.origin_group:
+                        h[H_REPLAY_GROUP] = d.origin_group
+                    records.append((now, d.id, d.key, h, d.body))
+                    s.settle_unleased(d.offset)
+                ticket = self._append(origin, records)
+                if origin.ids is not None:  # the copy is retained: its id keeps deduplicating
+                    for off, r in enumerate(records, ticket.result):
+                        if r[1] is not None:
+                            origin.ids.add(r[1], off, now)
+            if fresh:
+                marked: list[RecordTuple] = []
+                for d in fresh:
+                    h = {**d.headers, H_QUARANTINED: repr(now), H_REPLAY_GROUP: DLQ_GROUP}
+                    marked.append((now, d.id, d.key, h, d.body))
+                    s.settle_unleased(d.offset)
+                first = dlq.end
+                ticket = self._append(dlq, marked)  # after the origin's: one commit, in order
+                quarantined = {d.offset: i for i, d in enumerate(fresh)}
+                held = [
+                    self._held(d, first + quarantined[d.offset], now)
+                    if d.offset in quarantined
+                    else d
+                    for d in held
+                ]
             self._mark_dirty((dlq, g))
-            ticket = self._append(origin, records)
-            if origin.ids is not None:  # the copy is retained: its id keeps deduplicating
-                for off, r in enumerate(records, ticket.result):
-                    if r[1] is not None:
-                        origin.ids.add(r[1], off, now)
-            return chosen, ticket
+            return chosen, held, ticket
+
+    @staticmethod
+    def _held(d: DeadMessage, offset: int, now: float) -> DeadMessage:
+        """``d`` as quarantined at ``offset`` (where its marked copy is appended)."""
+        return replace(
+            d, offset=offset, quarantined=True, headers={**d.headers, H_QUARANTINED: repr(now)}
+        )
 
     def purge_dead_letters(
         self, queue: str, where: Callable[[DeadMessage], bool] | None = None
@@ -1391,14 +1506,17 @@ class Engine:
                 if closing:
                     ws.sync = True
             error: BaseException | None = None
+            synced_s: float | None = None
             if ws:
                 try:
                     _crash.hit("writer.before-commit")
-                    self.storage.commit(ws)
+                    synced_s = self._timed_commit(ws)
                     _crash.hit("writer.after-commit")
                 except BaseException as exc:  # noqa: BLE001 - every failure stops the engine
                     error = exc if isinstance(exc, ArrivalError) else StorageError(str(exc))
             with self._lock:
+                if synced_s is not None:
+                    self._observe_fsync(synced_s)
                 if error is not None:
                     self._failure = error
                     failed = list(self._pending)

@@ -11,6 +11,7 @@ ArrivalError                      base; ``retriable`` says whether the same call
 │   ├── NotSupported              the operation has no meaning under this queue's guarantee
 │   ├── ClosedError               the broker, producer or consumer was closed
 │   ├── TransactionError          a transaction used wrongly (after its end, too large)
+│   ├── UndecodableMessage        a body that does not decode into the handler's type
 │   ├── SequenceError             an idempotent send out of order, or older than remembered
 │   └── ReceiptError              an ack/nack/reject/extend that cannot be honoured
 │       ├── LeaseExpired          the lease ran out; the message is (or will be) redelivered
@@ -55,6 +56,7 @@ __all__ = [
     "StorageError",
     "TransactionError",
     "TransactionTimedOut",
+    "UndecodableMessage",
     "UnknownQueue",
     "UsageError",
 ]
@@ -122,6 +124,12 @@ class NotSupported(UsageError):
 class ClosedError(UsageError):
     def __init__(self, what: str) -> None:
         super().__init__(f"{what} is closed: open a new one")
+
+
+class UndecodableMessage(UsageError):
+    """A message body that does not decode into the type its handler takes (or names a
+    content-type arrival has no codec for): a poison message. Retrying cannot help, so
+    the worker runtime dead-letters it at once."""
 
 
 class TransactionError(UsageError):

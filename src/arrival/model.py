@@ -12,6 +12,7 @@ __all__ = [
     "DropPolicy",
     "GroupStats",
     "Guarantee",
+    "Histogram",
     "QueueDescription",
     "QueueSpec",
     "QueueStats",
@@ -119,6 +120,10 @@ class GroupStats:
     expired: int
     dead_lettered: int
     dropped: int  # at-most-once: dropped before this group received them
+    # seconds since the oldest message this group has not settled was stored (the engine's
+    # clock); 0.0 when it has settled everything. A growing age means a stuck consumer.
+    oldest_unacked_age: float = 0.0
+    consumers: int = 0  # consumers of this group open now
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +157,23 @@ class BrokerStats:
     queues: int
     commits: int  # store commits since the broker opened
     fsyncs: int  # of which durable (fsynced); concurrent sends share one
+
+
+@dataclass(frozen=True, slots=True)
+class Histogram:
+    """Observations in fixed buckets, as ``Engine.fsync_histogram()`` returns them.
+
+    ``counts[i]`` observations were at most ``bounds[i]`` seconds (and above the bound
+    before it); ``counts[-1]``, one more than ``bounds``, were above the last bound.
+    """
+
+    bounds: tuple[float, ...]
+    counts: tuple[int, ...]
+    sum_s: float
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
 
 
 @dataclass(frozen=True, slots=True)

@@ -109,6 +109,11 @@ class Server:
         # connection is asked again after the reconnect, and gets this outcome
         self.commits: OrderedDict[str, Pending[Any]] = OrderedDict()
 
+    @property
+    def connections(self) -> int:
+        """Client connections open now (read by the admin server's metrics)."""
+        return len(self.sessions)
+
     def remember_commit(self, cid: str, pending: Pending[Any]) -> None:
         self.commits[cid] = pending
         while len(self.commits) > MAX_REMEMBERED_COMMITS:
@@ -718,10 +723,18 @@ def _dlq_list(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode]:
 
 @_op("dlq_replay")
 def _dlq_replay(s: _Session, a: dict[str, Any]) -> tuple[Pending[Any], _Encode]:
+    guard = a.get("max_replays")  # absent or null: no loop guard
+    if guard is not None and (type(guard) is not int or guard < 1):
+        raise UsageError(f"argument 'max_replays' must be an integer >= 1 or null, not {guard!r}")
+
+    def encode(result: tuple[list[DeadMessage], list[DeadMessage]]) -> Any:
+        replayed, quarantined = result
+        return {"replayed": to_plain(replayed), "quarantined": to_plain(quarantined)}
+
     b = s.backend
     return b.replay_dead_letters(
-        _text(a, "q"), _offsets(a), a.get("limit"), bool(a["dry"])
-    ), to_plain
+        _text(a, "q"), _offsets(a), a.get("limit"), bool(a["dry"]), guard
+    ), encode
 
 
 @_op("dlq_purge")
@@ -760,14 +773,21 @@ def serve(
     tls_key: str | None = None,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    http: str | None = None,
 ) -> None:
     """Serve ``data`` on ``listen`` until SIGTERM/SIGINT. Prints ``listening on H:P``
-    (with the real port when 0 was asked) once clients can connect."""
+    (with the real port when 0 was asked) once clients can connect. With ``http``
+    (HOST:PORT), also serves metrics, the admin API and the dashboard there
+    (``arrival.admin``), and then prints ``admin http on H:P``."""
     host, port = parse_listen(listen)
     ctx = tls_context(tls_cert, tls_key)
     if max_in_flight < 1:
         raise UsageError(f"--max-in-flight must be at least 1, not {max_in_flight}")
-    main = _serve(data, host, port, token, ctx, max_connections, max_in_flight)
+    if http is not None:
+        from arrival.admin.http import parse_address
+
+        parse_address(http)  # refused before anything starts
+    main = _serve(data, host, port, token, ctx, max_connections, max_in_flight, http)
     # A broker makes a few short-lived containers per message while keeping many
     # long-lived ones (cached messages, leases, ids): at the default threshold of 700
     # allocations the cycle collector ran thousands of times a second, rescanning them,
@@ -789,6 +809,7 @@ async def _serve(
     ctx: ssl.SSLContext | None,
     max_connections: int,
     max_in_flight: int,
+    http: str | None = None,
 ) -> None:
     backend = local_backend(data)
     server = Server(
@@ -819,6 +840,19 @@ async def _serve(
         ", token required" if token else "",
     )
     print(f"listening on {h}:{p}", flush=True)
+    admin = None
+    if http is not None:
+        from arrival.admin import AdminServer
+
+        try:
+            admin = AdminServer(
+                backend.engine, http, token=token, connections=lambda: server.connections
+            )
+            ah, ap = admin.start()
+        except BaseException:
+            await server.close()
+            raise
+        print(f"admin http on {ah}:{ap}", flush=True)
     # A storage failure stops the engine; the process stops too, so that whatever
     # supervises it restarts it and recovery reads what the disk really holds (after a
     # failed fsync, nothing in memory can be trusted to match it).
@@ -831,6 +865,8 @@ async def _serve(
     unwatch = engine.watch(on_change)
     await stop.wait()
     unwatch()
+    if admin is not None:
+        admin.close()
     if engine.failure is not None:
         log.critical(
             "storage failure: %s; stopping, nothing unconfirmed was acknowledged", engine.failure

@@ -11,9 +11,8 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-import arrival
+from arrival.cli import ops
 from arrival.errors import ArrivalError
 
 if TYPE_CHECKING:
@@ -24,20 +23,11 @@ app = typer.Typer(
     help="arrival: a message queue whose delivery guarantee is a contract of the queue.",
     pretty_exceptions_enable=False,
 )
-queues_app = typer.Typer(no_args_is_help=True, help="List, create, inspect and peek at queues.")
-dlq_app = typer.Typer(no_args_is_help=True, help="Dead-letter queues: list, replay, purge.")
-app.add_typer(queues_app, name="queues")
-app.add_typer(dlq_app, name="dlq")
+ops.register(app)  # produce, consume, queues, dlq, stats: arrival/cli/ops.py
 
 out = Console()
 err = Console(stderr=True)
 
-Url = Annotated[
-    str,
-    typer.Option(
-        "--url", envvar="ARRIVAL_URL", help="data directory, 'memory:' or arrival://host:port"
-    ),
-]
 Json = Annotated[bool, typer.Option("--json", help="machine-readable output")]
 Guarantees = Annotated[
     list[str] | None,
@@ -47,10 +37,6 @@ Guarantees = Annotated[
         help="at-most-once / at-least-once / exactly-once (repeatable; default: all)",
     ),
 ]
-
-
-def _connect(url: str) -> arrival.Broker:
-    return arrival.connect(url)
 
 
 @app.command()
@@ -338,6 +324,15 @@ def serve(
         ),
     ] = 10_000,
     log_level: Annotated[str, typer.Option("--log-level", help="DEBUG/INFO/WARNING")] = "INFO",
+    http: Annotated[
+        str | None,
+        typer.Option(
+            "--http",
+            help="also serve /metrics, the admin API and the dashboard on HOST:PORT "
+            "(e.g. 127.0.0.1:7712; keep it on loopback: reads need no token)",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Share one broker over TCP: clients connect with arrival://HOST:PORT.
 
@@ -345,6 +340,9 @@ def serve(
     without spending attempts, everything pending is committed and fsynced."""
     import logging
 
+    from rich.markup import escape
+
+    from arrival.errors import UsageError
     from arrival.server import serve as run_server
 
     logging.basicConfig(
@@ -359,209 +357,14 @@ def serve(
             tls_key=tls_key,
             max_connections=max_connections,
             max_in_flight=max_in_flight,
+            http=http,
         )
+    except UsageError as exc:  # bad input: one line, exit 2
+        err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
+        raise typer.Exit(2) from None
     except (ArrivalError, OSError) as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(1) from None
-
-
-@queues_app.command("list")
-def queues_list(url: Url = "./data", as_json: Json = False) -> None:
-    """Every queue with its guarantee and backlog."""
-    with _connect(url) as broker:
-        rows = []
-        for name in broker.queues():
-            s = broker.stats(name)
-            rows.append(
-                {
-                    "name": name,
-                    "guarantee": str(s.guarantee),
-                    "stored": s.stored,
-                    "groups": {g.group: g.backlog for g in s.groups},
-                }
-            )
-    if as_json:
-        out.print_json(data=rows)
-        return
-    table = Table("queue", "guarantee", "stored", "groups (backlog)")
-    for r in rows:
-        groups = ", ".join(f"{g}={n}" for g, n in r["groups"].items())  # type: ignore[attr-defined]
-        table.add_row(str(r["name"]), str(r["guarantee"]), str(r["stored"]), groups)
-    out.print(table)
-
-
-@queues_app.command("create")
-def queues_create(
-    name: str,
-    guarantee: Annotated[str, typer.Option("--guarantee", "-g")],
-    max_deliveries: Annotated[int | None, typer.Option()] = None,
-    ack_timeout: Annotated[float | None, typer.Option()] = None,
-    dead_letter: Annotated[str | None, typer.Option()] = None,
-    capacity: Annotated[int | None, typer.Option()] = None,
-    drop: Annotated[str | None, typer.Option()] = None,
-    conflate: Annotated[bool, typer.Option("--conflate")] = False,
-    dedup: Annotated[
-        bool, typer.Option("--dedup", help="store each message id once (always on exactly-once)")
-    ] = False,
-    dedup_window: Annotated[
-        float | None, typer.Option(help="seconds to remember message ids, at least")
-    ] = None,
-    url: Url = "./data",
-) -> None:
-    """Declare a queue (a no-op if it exists with the same settings)."""
-    options: dict[str, object] = {
-        "max_deliveries": max_deliveries,
-        "ack_timeout": ack_timeout,
-        "dead_letter": dead_letter,
-        "capacity": capacity,
-        "drop": drop,
-        "conflate": conflate or None,
-        "dedup": dedup or None,
-        "dedup_window": dedup_window,
-    }
-    given = {k: v for k, v in options.items() if v is not None}
-    with _connect(url) as broker:
-        broker.create_queue(name, guarantee, **given)  # type: ignore[arg-type]
-        out.print(str(broker.describe(name)), highlight=False)
-
-
-@queues_app.command("inspect")
-def queues_inspect(name: str, url: Url = "./data", as_json: Json = False) -> None:
-    """What the queue promises, by which mechanism, its limits and its groups."""
-    with _connect(url) as broker:
-        d = broker.describe(name)
-        s = broker.stats(name)
-    if as_json:
-        out.print_json(
-            data={
-                "name": d.name,
-                "guarantee": str(d.guarantee),
-                "promise": d.promise,
-                "mechanism": list(d.mechanism),
-                "limits": d.limits,
-                "stats": {
-                    "first_offset": s.first_offset,
-                    "end_offset": s.end_offset,
-                    "stored": s.stored,
-                    "groups": [g.__repr__() for g in s.groups],
-                },
-            }
-        )
-        return
-    out.print(str(d), highlight=False)
-    table = Table("group", "backlog", "in flight", "waiting retry", "dead-lettered")
-    for g in s.groups:
-        table.add_row(
-            g.group, str(g.backlog), str(g.in_flight), str(g.waiting_retry), str(g.dead_lettered)
-        )
-    out.print(table)
-
-
-@queues_app.command("peek")
-def queues_peek(
-    name: str,
-    limit: Annotated[int, typer.Option()] = 10,
-    url: Url = "./data",
-) -> None:
-    """Show the oldest retained messages without consuming them."""
-    with _connect(url) as broker:
-        for m in broker.peek(name, limit):
-            out.print(f"{m.offset}\t{m.id}\t{m.key}\t{m.body[:80]!r}", highlight=False)
-
-
-@app.command()
-def produce(
-    queue: str,
-    body: Annotated[str, typer.Argument(help="message body ('-' reads lines from stdin)")],
-    key: Annotated[str | None, typer.Option()] = None,
-    url: Url = "./data",
-) -> None:
-    """Send a message (or one per stdin line)."""
-    lines = sys.stdin.read().splitlines() if body == "-" else [body]
-    with _connect(url) as broker:
-        p = broker.producer()
-        for line in lines:
-            offset = p.send(queue, line.encode(), key=key)
-            out.print(f"sent at offset {offset}" if offset is not None else "sent (at-most-once)")
-
-
-@app.command()
-def consume(
-    queue: str,
-    group: Annotated[str, typer.Option()] = "cli",
-    count: Annotated[int, typer.Option(help="stop after this many")] = 10,
-    timeout: Annotated[float, typer.Option(help="seconds to wait for each message")] = 1.0,
-    url: Url = "./data",
-) -> None:
-    """Receive and ack messages, printing them."""
-    with _connect(url) as broker:
-        c = broker.consumer(queue, group=group)
-        for _ in range(count):
-            m = c.receive(timeout=timeout)
-            if m is None:
-                break
-            out.print(f"{m.offset}\t{m.id}\tattempt={m.attempt}\t{m.body[:200]!r}", highlight=False)
-            m.ack()
-        c.close()
-
-
-@dlq_app.command("list")
-def dlq_list(queue: str, url: Url = "./data", as_json: Json = False) -> None:
-    """Dead letters of QUEUE with their provenance."""
-    with _connect(url) as broker:
-        items = broker.dead_letters(queue).list()
-    if as_json:
-        out.print_json(
-            data=[
-                {
-                    "offset": d.offset,
-                    "id": d.id,
-                    "key": d.key,
-                    "origin_group": d.origin_group,
-                    "attempts": d.attempts,
-                    "reason": d.reason,
-                    "last_error": d.last_error,
-                }
-                for d in items
-            ]
-        )
-        return
-    table = Table("offset", "id", "group", "attempts", "reason", "last error")
-    for d in items:
-        table.add_row(
-            str(d.offset),
-            str(d.id),
-            str(d.origin_group),
-            str(d.attempts),
-            str(d.reason),
-            str(d.last_error),
-        )
-    out.print(table)
-
-
-@dlq_app.command("replay")
-def dlq_replay(
-    queue: str,
-    id_: Annotated[list[str] | None, typer.Option("--id", help="only these message ids")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run")] = False,
-    url: Url = "./data",
-) -> None:
-    """Send dead letters back to the group that failed them."""
-    ids = set(id_ or ())
-    with _connect(url) as broker:
-        chosen = broker.dead_letters(queue).replay(
-            (lambda d: d.id in ids) if ids else None, dry_run=dry_run
-        )
-    verb = "would replay" if dry_run else "replayed"
-    out.print(f"{verb} {len(chosen)} message(s)")
-
-
-@dlq_app.command("purge")
-def dlq_purge(queue: str, url: Url = "./data") -> None:
-    """Delete every dead letter of QUEUE."""
-    with _connect(url) as broker:
-        n = broker.dead_letters(queue).purge()
-    out.print(f"purged {n} message(s)")
 
 
 def main() -> None:

@@ -105,6 +105,12 @@ class LossyBuffer(Generic[T]):
     def items(self) -> Iterable[T]:
         return tuple(self._keyed.values()) if self._keyed is not None else tuple(self._items)
 
+    def first(self) -> T | None:
+        """The item ``take`` would hand out next (without taking it); None when empty."""
+        if self._keyed is not None:
+            return next(iter(self._keyed.values()), None)
+        return self._items[0] if self._items else None
+
 
 class LossyQueue(Generic[T]):
     """An at-most-once queue: a retained buffer for groups to come and one buffer per group."""
