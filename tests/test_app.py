@@ -652,3 +652,51 @@ def test_an_app_runs_against_a_server_over_the_network(clock: FakeClock) -> None
             assert [d.id for d in b.dead_letters("orders").list()] == ["poison"]
     finally:
         server.stop()
+
+
+def test_prefetch_holds_only_what_the_handler_gets_to_within_its_leases() -> None:
+    broker = arrival.connect("memory:")
+    broker.create_queue("slow", "at-least-once", ack_timeout=0.4)
+    app = arrival.App(broker)
+    held: list[int] = []
+
+    @app.handler("slow")
+    def handle(body: bytes) -> None:
+        held.append(broker.stats("slow").groups[0].in_flight)
+        time.sleep(0.05)
+
+    for i in range(8):
+        broker.producer().send("slow", str(i).encode())
+    (stats,) = app.run(until_idle=IDLE)
+    assert stats.handled == 8
+    assert held[0] == 1  # no pace measured yet: nothing held beyond the first
+    # 0.05 s a message, a quarter of a 0.4 s lease: 2 more held at most
+    assert max(held) <= 3
+    assert stats.lease_lost == 0
+
+
+def test_a_fast_handler_prefetches_and_prefetch_zero_does_not() -> None:
+    broker = arrival.connect("memory:")
+    broker.create_queue("fast", "at-least-once")
+    seen = {"adaptive": 0, "none": 0}
+    app = arrival.App(broker)
+
+    @app.handler("fast", group="adaptive")
+    async def adaptive(body: bytes) -> None:
+        seen["adaptive"] = max(seen["adaptive"], _in_flight(broker, "adaptive"))
+
+    @app.handler("fast", group="none", prefetch=0)
+    async def none(body: bytes) -> None:
+        seen["none"] = max(seen["none"], _in_flight(broker, "none"))
+
+    for i in range(600):
+        broker.producer().send("fast", str(i).encode())
+    app.run(until_idle=IDLE)
+    assert seen["none"] == 1
+    assert 1 < seen["adaptive"] <= 1 + 256
+    with pytest.raises(UsageError, match="prefetch"):
+        app.handler("fast", group="bad", prefetch=-1)
+
+
+def _in_flight(broker: arrival.Broker, group: str) -> int:
+    return next(g.in_flight for g in broker.stats("fast").groups if g.group == group)

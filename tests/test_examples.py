@@ -261,7 +261,10 @@ def test_orders_crash_does_not_apply_twice(tmp_path: Path) -> None:
     assert out.skipped == ["order-3"]  # redelivered after the crash; the inbox knew it
     [letter] = out.dead_letters
     assert letter.id == "order-4"
-    assert letter.attempts == 1  # OutOfStock: dead_letter_on, no retry
+    # OutOfStock is in dead_letter_on: one failure, no retry. Its delivery count may be 2:
+    # the crashed worker may have held it (prefetched) when it died
+    assert letter.headers["arrival-failures"] == "1"
+    assert letter.attempts in (1, 2)
     assert (letter.last_error or "").startswith("OutOfStock:")
     assert (letter.origin_queue, letter.origin_group) == ("orders", "fulfilment")
     assert out.stats.dead_lettered == 1

@@ -69,6 +69,7 @@ log = logging.getLogger("arrival.app")
 _STRENGTH = {Guarantee.AT_MOST_ONCE: 0, Guarantee.AT_LEAST_ONCE: 1, Guarantee.EXACTLY_ONCE: 2}
 DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
 _POLL_S = 0.1  # how often an idle handler looks at its breaker and the stop flag
+MAX_PREFETCH = 256  # messages a handler holds beyond those it is handling, at most
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +161,9 @@ class _Handler:
     guarantee: Guarantee | None = None  # the queue's, known at start
     dead_letter: bool = False  # the queue has a dead-letter queue
     stats: HandlerStats = field(init=False)
+    prefetch: int | None = None  # None: adaptive (App._prefetch)
+    ack_timeout: float = 30.0  # the queue's, known at start
+    seconds_per_message: float | None = None  # moving average of the handler's time
     idle: bool = False  # nothing to do right now (for run(until_idle=...))
     last_active: float = 0.0
 
@@ -325,6 +329,7 @@ class App:
         breaker: CircuitBreaker | None = None,
         guarantee: str | Guarantee | None = None,
         batch: int = 1,
+        prefetch: int | None = None,
         **queue_options: Any,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Register the decorated function (sync or async) as the handler of ``queue``.
@@ -337,6 +342,9 @@ class App:
         - ``guarantee`` and ``queue_options``: declare the queue at start (as
           ``create_queue`` does); without them the queue must exist.
         - ``batch``: exactly-once only, messages per transaction (up to).
+        - ``prefetch``: messages to hold beyond those being handled (at-least-once and
+          at-most-once). Default: adaptive, as many as the handler gets to within a
+          quarter of the queue's ``ack_timeout`` at its measured pace, up to 256.
         """
         if not isinstance(queue, str) or not queue:
             raise UsageError("a handler's queue is a non-empty str")
@@ -344,6 +352,10 @@ class App:
             raise UsageError(f"concurrency must be an int >= 1, not {concurrency!r}")
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             raise UsageError(f"batch must be an int >= 1, not {batch!r}")
+        if prefetch is not None and (
+            isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0
+        ):
+            raise UsageError(f"prefetch must be an int >= 0 or None, not {prefetch!r}")
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise UsageError(f"retry must be an arrival.RetryPolicy, not {retry!r}")
         if breaker is not None and not isinstance(breaker, CircuitBreaker):
@@ -379,6 +391,7 @@ class App:
                     breaker=Breaker(breaker) if breaker is not None else None,
                     declare=declare,
                     batch=batch,
+                    prefetch=prefetch,
                     takes=takes,
                     payload_type=tp,
                     decode=decode,
@@ -499,6 +512,7 @@ class App:
             spec: QueueSpec = d.spec
             h.guarantee = spec.guarantee
             h.dead_letter = spec.dead_letter is not None
+            h.ack_timeout = spec.ack_timeout
             h.stats.guarantee = str(spec.guarantee)
             needs = _guarantee_of(h.payload_type)
             if needs is not None and _STRENGTH[spec.guarantee] < _STRENGTH[needs]:
@@ -591,51 +605,94 @@ class App:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop_event.wait(), wait)
 
+    def _prefetch(self, h: _Handler) -> int:
+        """Messages to hold beyond those being handled. Held messages' leases run, so hold
+        only as many as the handlers get to within a quarter of ``ack_timeout``, going by
+        how long a message has taken (none until the first is done: a slow handler's first
+        batch must not outlive its leases)."""
+        if h.prefetch is not None:
+            return h.prefetch
+        if h.guarantee is Guarantee.AT_MOST_ONCE:
+            return MAX_PREFETCH  # no leases to outlive
+        if h.seconds_per_message is None:
+            return 0
+        budget = 0.25 * h.ack_timeout * h.concurrency
+        return min(MAX_PREFETCH, int(budget / max(h.seconds_per_message, 1e-6)))
+
     async def _run_messages(self, h: _Handler, consumer: aio.Consumer) -> None:
-        """At-least-once and at-most-once: receive up to the free slots, one task each."""
-        running: set[asyncio.Task[None]] = set()
-        freed = asyncio.Event()
-        while not self._stopping:
-            allowed = self._allowed(h)
-            free = h.concurrency - len(running)
-            want = free if allowed is None else min(free, allowed)
-            if want <= 0:
-                h.idle = True  # open breaker or all slots busy: nothing new to take
-                if free <= 0:
-                    freed.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(freed.wait(), _POLL_S)
-                else:
+        """At-least-once and at-most-once: this receiver keeps a buffer of messages filled
+        (the prefetch), ``concurrency`` workers handle them."""
+        buffer: asyncio.Queue[aio.Message | None] = asyncio.Queue()
+        room = asyncio.Event()  # a worker took or finished a message
+        workers = [
+            asyncio.create_task(self._worker(h, buffer, room), name=f"arrival {h.name} worker")
+            for _ in range(h.concurrency)
+        ]
+        self._tasks.update(workers)
+        try:
+            while not self._stopping:
+                allowed = self._allowed(h)
+                if allowed == 0:  # open breaker (or its trial running): hold nothing
+                    await self._release_buffered(h, buffer)
+                    h.idle = True
                     await self._pause(h)
-                continue
-            try:
-                msgs = await consumer.receive_batch(want, timeout=_POLL_S)
-            except ClosedError:
+                    continue
+                held = buffer.qsize() + h.stats.in_flight
+                # half-open (allowed 1): one trial message, nothing else
+                limit = 1 if allowed == 1 else h.concurrency + self._prefetch(h)
+                want = limit - held
+                if want <= 0:
+                    room.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(room.wait(), _POLL_S)
+                    continue
+                try:
+                    msgs = await consumer.receive_batch(want, timeout=_POLL_S)
+                except ClosedError:
+                    return
+                if not msgs:
+                    h.idle = held == 0
+                    continue
+                h.idle = False
+                h.last_active = time.monotonic()
+                for msg in msgs:
+                    buffer.put_nowait(msg)
+        finally:
+            # stopping: what no worker took goes back; the workers finish their message
+            await self._release_buffered(h, buffer)
+            for _ in workers:
+                buffer.put_nowait(None)
+            await asyncio.gather(*workers, return_exceptions=True)
+            self._tasks.difference_update(workers)
+
+    async def _release_buffered(
+        self, h: _Handler, buffer: asyncio.Queue[aio.Message | None]
+    ) -> None:
+        while not buffer.empty():
+            msg = buffer.get_nowait()
+            if msg is not None:
+                await self._release(h, msg)
+
+    async def _worker(
+        self, h: _Handler, buffer: asyncio.Queue[aio.Message | None], room: asyncio.Event
+    ) -> None:
+        while True:
+            msg = await buffer.get()
+            if msg is None:
                 return
-            if not msgs:
-                h.idle = True
+            if self._stopping or (h.breaker is not None and self._allowed(h) == 0):
+                await self._release(h, msg)  # taken, not started: back without an attempt
                 continue
-            h.idle = False
-            h.last_active = time.monotonic()
-            for i, msg in enumerate(msgs):
-                if self._stopping or (h.breaker is not None and self._allowed(h) == 0):
-                    for m in msgs[i:]:  # received, not started: back without an attempt
-                        await self._release(h, m)
-                    break
-                if h.breaker is not None:
-                    h.breaker.started(self.clock())
-                task = asyncio.create_task(self._one(h, msg))
-                running.add(task)
-                self._tasks.add(task)
-
-                def finished(t: asyncio.Task[None]) -> None:
-                    running.discard(t)
-                    self._tasks.discard(t)
-                    freed.set()
-
-                task.add_done_callback(finished)
-        if running:
-            await asyncio.wait(running)
+            if h.breaker is not None:
+                h.breaker.started(self.clock())
+            started = time.perf_counter()
+            try:
+                await self._one(h, msg)
+            finally:
+                took = time.perf_counter() - started
+                avg = h.seconds_per_message
+                h.seconds_per_message = took if avg is None else 0.8 * avg + 0.2 * took
+                room.set()
 
     async def _one(self, h: _Handler, msg: aio.Message) -> None:
         h.stats.in_flight += 1
