@@ -700,3 +700,32 @@ def test_a_fast_handler_prefetches_and_prefetch_zero_does_not() -> None:
 
 def _in_flight(broker: arrival.Broker, group: str) -> int:
     return next(g.in_flight for g in broker.stats("fast").groups if g.group == group)
+
+
+@pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
+def test_max_total_deliveries_dead_letters_before_the_handler_runs(guarantee: str) -> None:
+    broker = arrival.connect("memory:")
+    broker.create_queue("jobs", guarantee, dead_letter="jobs.dlq")
+    broker.producer().send("jobs", b"x", id="crashy")
+    c = broker.consumer("jobs", "default")
+    for _ in range(2):  # two deliveries that ended without an outcome (as a crash would)
+        msg = c.receive(timeout=1)
+        assert msg is not None
+        msg.release()
+    c.close()
+    app = arrival.App(broker)
+    calls = []
+
+    @app.handler("jobs", retry=arrival.RetryPolicy(max_total_deliveries=2))
+    def handle(body: bytes) -> None:
+        calls.append(body)
+
+    (stats,) = app.run(until_idle=IDLE)
+    assert calls == []
+    (letter,) = broker.dead_letters("jobs").list()
+    assert letter.id == "crashy"
+    assert "delivered 3 times" in (letter.reason or "")
+    assert stats.dead_lettered == 1
+    with pytest.raises(UsageError, match="max_total_deliveries"):
+        arrival.RetryPolicy(max_total_deliveries=0)
+    broker.close()

@@ -183,3 +183,62 @@ def test_a_bad_target_is_one_clear_line(project: Path, target: str, message: str
     assert r.returncode == 2
     assert message in r.stderr
     assert "Traceback" not in r.stderr
+
+
+CRASHING = textwrap.dedent(
+    """
+    import os, time
+    from pathlib import Path
+    import arrival
+
+    HERE = Path(__file__).parent
+    app = arrival.App("unused")
+
+    @app.handler("jobs", retry=arrival.RetryPolicy(max_total_deliveries=2), prefetch=0)
+    def run(body: bytes, ctx: arrival.Context) -> None:
+        if body == b"segfault":
+            time.sleep(0.3)  # long enough for the delivery to be recorded
+            os._exit(70)  # as a crash in a C extension would: no exception, no settle
+        (HERE / f"done-{body.decode()}").touch()
+    """
+)
+
+
+def test_a_message_that_crashes_its_worker_is_dead_lettered_by_the_guard(
+    project: Path,
+) -> None:
+    (project / "crashing_app.py").write_text(CRASHING)
+    data = project / "data"
+    with arrival.connect(str(data)) as b:
+        b.create_queue("jobs", "at-least-once", max_deliveries=5, dead_letter="jobs.dlq")
+        b.producer().send("jobs", b"segfault", id="poison")
+        b.producer().send("jobs", b"fine", id="fine")
+    codes = []
+    for _ in range(3):
+        p = subprocess.Popen(
+            [sys.executable, "-m", "arrival", "worker", "crashing_app:app", "--url", str(data)],
+            cwd=project,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 30
+        while p.poll() is None and not (project / "done-fine").exists():
+            assert time.monotonic() < deadline, "the worker neither crashed nor got through"
+            time.sleep(0.02)
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+        _out, err = p.communicate(timeout=30)
+        codes.append(p.returncode)
+        if p.returncode != 70:
+            break
+    # two deliveries crashed the worker; the third is past max_total_deliveries=2
+    assert codes[:2] == [70, 70]
+    assert len(codes) == 3
+    assert "max_total_deliveries=2" in err
+    assert (project / "done-fine").exists()
+    with arrival.connect(str(data)) as b:
+        (letter,) = b.dead_letters("jobs").list()
+        assert letter.id == "poison"
+        assert "delivered 3 times" in (letter.reason or "")
+        assert letter.headers.get("arrival-failures") == "1"  # the crashes spent nothing

@@ -77,30 +77,48 @@ class RetryPolicy:
     """What a handler's failure does to its message.
 
     - an exception in ``dead_letter_on``, or not in ``retry_on``: dead-lettered at once;
-    - the ``max_attempts``-th failed attempt: dead-lettered;
+    - a failure on attempt ``max_attempts`` (``msg.attempt``, the delivery number) or
+      later: dead-lettered;
     - otherwise nacked, redelivered after ``backoff`` (None: the queue's own backoff).
 
-    The queue's ``max_deliveries`` still applies: the first limit reached wins.
+    The queue's ``max_deliveries`` still applies: the first limit reached wins. It counts
+    failures only; a delivery that ended without an outcome (its worker crashed, was
+    disconnected or stopped) spends none. So a message that *crashes its worker* — a
+    segfault, an out-of-memory kill — would come back forever: ``max_total_deliveries``
+    is the guard. A message delivered more often than that is dead-lettered before the
+    handler runs again (reason ``delivered N times``), whatever ended the earlier ones.
     """
 
     max_attempts: int | None = None
     backoff: Backoff | None = None
     retry_on: tuple[type[BaseException], ...] = (Exception,)
     dead_letter_on: tuple[type[BaseException], ...] = ()
+    max_total_deliveries: int | None = None
 
     def __post_init__(self) -> None:
-        if self.max_attempts is not None and (
-            isinstance(self.max_attempts, bool)
-            or not isinstance(self.max_attempts, int)
-            or self.max_attempts < 1
-        ):
-            raise UsageError(f"max_attempts must be an int >= 1 or None, not {self.max_attempts!r}")
+        for name in ("max_attempts", "max_total_deliveries"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise UsageError(f"{name} must be an int >= 1 or None, not {value!r}")
         for name in ("retry_on", "dead_letter_on"):
             value = getattr(self, name)
             if not isinstance(value, tuple) or not all(
                 isinstance(t, type) and issubclass(t, BaseException) for t in value
             ):
                 raise UsageError(f"{name} must be a tuple of exception classes, not {value!r}")
+
+    def exhausted(self, attempt: int) -> str | None:
+        """The dead-letter reason when delivery number ``attempt`` is past
+        ``max_total_deliveries``, else None."""
+        limit = self.max_total_deliveries
+        if limit is None or attempt <= limit:
+            return None
+        return (
+            f"delivered {attempt} times, more than max_total_deliveries={limit}: the earlier "
+            f"deliveries ended without an outcome (did the message crash its worker?)"
+        )
 
     def decide(
         self, attempt: int, exc: BaseException, rng: random.Random
@@ -706,6 +724,11 @@ class App:
             h.last_active = time.monotonic()
 
     async def _handle_one(self, h: _Handler, msg: aio.Message) -> None:
+        reason = h.retry.exhausted(msg.attempt)
+        if reason is not None:
+            log.error("%s: message %s %s", h.name, msg.id, reason)
+            await self._settle_failure(h, msg, reason, None, True)
+            return
         try:
             payload = self._payload(h, msg)
         except UndecodableMessage as exc:
@@ -821,6 +844,9 @@ class App:
                 if self._allowed(h) == 0:
                     raise _BreakerOpen
                 h.breaker.started(self.clock())
+            reason = h.retry.exhausted(msg.attempt)
+            if reason is not None:
+                raise _Exhausted(reason)
             h.stats.in_flight += 1
             h.idle = False
             try:
@@ -847,6 +873,9 @@ class App:
                 h.stats.undecodable += 1
                 log.error("%s: message %s is undecodable: %s", h.name, msg.id, exc)
                 decision: tuple[float | None, bool] = (None, True)
+            elif isinstance(exc, _Exhausted):
+                log.error("%s: message %s %s", h.name, msg.id, exc)
+                decision = (None, True)
             else:
                 decision = h.retry.decide(msg.attempt, exc, self.rng)
             if decision[1] and h.dead_letter:
@@ -886,6 +915,10 @@ class App:
                 h.idle = True
             if consumer._closed:
                 return
+
+
+class _Exhausted(Exception):
+    """A message past its policy's ``max_total_deliveries``: dead-letter it unhandled."""
 
 
 class _BreakerOpen(Exception):
