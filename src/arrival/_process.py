@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -90,12 +90,13 @@ class OutputsBase:
     def _add(
         self,
         queue: str,
-        body: bytes,
-        key: str | None,
-        headers: Mapping[str, str] | None,
-        mid: str | None,
+        body: object,
+        key: object,
+        headers: object,
+        mid: object,
     ) -> None:
-        """``send`` without the await, for code that runs outside the event loop."""
+        """Buffer one output (``Outputs.send`` of either API, and the worker runtime's
+        ``Context.send``, which runs outside the event loop)."""
         message = to_send(body, key, headers, mid)
         if tracing.ENABLED:  # in the handler's context: its span is the output's parent
             message = tracing.traced_message(queue, message)

@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any
 
-from arrival import tracing
 from arrival._backend import Backend, LocalBackend
 from arrival._clock import Clock
 from arrival._common import (
@@ -401,10 +400,7 @@ class Outputs(OutputsBase):
         id: str | None = None,  # noqa: A002 - the SPEC's name
     ) -> None:
         """Send ``body`` to ``queue`` when this message's transaction commits."""
-        message = to_send(body, key, headers, id)
-        if tracing.ENABLED:  # in the handler's context: its span is the output's parent
-            message = tracing.traced_message(queue, message)
-        self._items.append((queue, message))
+        self._add(queue, body, key, headers, id)
 
 
 class Message(MessageBase):

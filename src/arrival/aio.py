@@ -18,7 +18,6 @@ from typing import Any
 
 import msgspec
 
-from arrival import tracing
 from arrival._backend import Backend, LocalBackend
 from arrival._clock import Clock
 from arrival._common import (
@@ -358,10 +357,7 @@ class Outputs(OutputsBase):
         headers: Mapping[str, str] | None = None,
         id: str | None = None,  # noqa: A002 - the SPEC's name
     ) -> None:
-        message = to_send(body, key, headers, id)
-        if tracing.ENABLED:  # in the handler's context: its span is the output's parent
-            message = tracing.traced_message(queue, message)
-        self._items.append((queue, message))
+        self._add(queue, body, key, headers, id)
 
 
 class Message(MessageBase):
