@@ -729,3 +729,102 @@ def test_max_total_deliveries_dead_letters_before_the_handler_runs(guarantee: st
     with pytest.raises(UsageError, match="max_total_deliveries"):
         arrival.RetryPolicy(max_total_deliveries=0)
     broker.close()
+
+
+def test_a_fast_sync_handler_gets_several_messages_per_thread_hop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    broker = arrival.connect("memory:")
+    broker.create_queue("fast", "at-least-once", dead_letter="fast.dlq")
+    broker.create_queue("out", "at-least-once")
+    chunks: list[int] = []
+    real = arrival.App._run_chunk
+
+    def counting(self: arrival.App, h: Any, ready: list[Any]) -> Any:
+        chunks.append(len(ready))
+        return real(self, h, ready)
+
+    monkeypatch.setattr(arrival.App, "_run_chunk", counting)
+    app = arrival.App(broker)
+    calls: list[bytes] = []
+
+    @app.handler("fast", retry=arrival.RetryPolicy(dead_letter_on=(ValueError,)))
+    def handle(body: bytes, ctx: arrival.Context) -> None:
+        calls.append(body)
+        if body == b"250":
+            raise ValueError("bad one")
+        ctx.send("out", body)
+
+    for i in range(600):
+        broker.producer().send("fast", str(i).encode())
+    (stats,) = app.run(until_idle=IDLE)
+    assert chunks  # it did hand out chunks ...
+    assert max(chunks) > 1
+    assert max(chunks) <= 32
+    assert sorted(calls, key=int) == [str(i).encode() for i in range(600)]  # ... once each
+    assert (stats.handled, stats.failed, stats.dead_lettered) == (599, 1, 1)
+    assert broker.stats("out").stored == 599
+    assert broker.stats("fast").groups[0].backlog == 0
+    broker.close()
+
+
+def test_a_failure_in_a_chunk_stops_it_and_an_opened_breaker_releases_the_rest(
+    clock: FakeClock,
+) -> None:
+    broker = arrival.connect("memory:", clock=clock)
+    broker.create_queue("fast", "at-least-once", dead_letter="fast.dlq")
+    app = arrival.App(broker, clock=clock.now)
+    calls: list[int] = []
+
+    @app.handler("fast", breaker=arrival.CircuitBreaker(failure_threshold=1))
+    def handle(body: bytes) -> None:
+        calls.append(int(body))
+        if int(body) == 300:
+            raise ConnectionError("down")
+
+    for i in range(600):
+        broker.producer().send("fast", str(i).encode())
+    (stats,) = app.run(until_idle=IDLE)
+    assert calls == list(range(301))  # nothing after the failure ran
+    assert stats.breaker_state == "open"
+    assert stats.handled == 300
+    group = broker.stats("fast").groups[0]
+    assert (group.in_flight, group.backlog, group.dead_lettered) == (0, 300, 0)
+    broker.close()
+
+
+def test_an_exactly_once_sync_handler_gets_chunks_and_a_failure_discards_only_its_outputs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    broker = arrival.connect("memory:")
+    broker.create_queue("payments", "exactly-once", dead_letter="payments.dlq")
+    broker.create_queue("ledger", "exactly-once")
+    chunks: list[int] = []
+    real = arrival.App._run_chunk
+
+    def counting(self: arrival.App, h: Any, ready: list[Any]) -> Any:
+        chunks.append(len(ready))
+        return real(self, h, ready)
+
+    monkeypatch.setattr(arrival.App, "_run_chunk", counting)
+    app = arrival.App(broker)
+    calls: list[int] = []
+
+    @app.handler("payments", batch=100, retry=arrival.RetryPolicy(dead_letter_on=(KeyError,)))
+    def pay(p: Payment, ctx: arrival.Context) -> None:
+        calls.append(p.id)
+        ctx.send("ledger", {"p": p.id})
+        if p.id == 150:
+            raise KeyError("no such account")
+
+    for i in range(300):
+        send(broker, "payments", Payment(i), id=f"p-{i}")
+    (stats,) = app.run(until_idle=IDLE)
+    assert max(chunks) > 1
+    assert sorted(calls) == list(range(300))
+    ledger = broker.peek("ledger", 1000)
+    assert sorted(m.id for m in ledger) == sorted(f"p-{i}/0" for i in range(300) if i != 150)
+    (letter,) = broker.dead_letters("payments").list()
+    assert letter.id == "p-150"
+    assert (stats.handled, stats.failed, stats.dead_lettered) == (299, 1, 1)
+    broker.close()

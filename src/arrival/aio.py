@@ -12,7 +12,7 @@ import builtins
 import contextlib
 import os
 import random
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -477,8 +477,15 @@ class Consumer:
         stop: Callable[[], bool] | None = None,
         on_commit: Callable[[list[Message]], None] | None = None,
         on_error: Callable[[Message, Exception], Failure | None] | None = None,
+        handle_many: Callable[[list[Message], list[Outputs]], Awaitable[list[Exception | None]]]
+        | None = None,
     ) -> ProcessResult:
-        """See ``arrival.Consumer.process``; ``handler`` may be sync or async."""
+        """See ``arrival.Consumer.process``; ``handler`` may be sync or async.
+
+        ``handle_many(msgs, outs)``, when given, is called instead of ``handler`` with the
+        messages of one receive (each with its outputs) and returns, for each, None or the
+        exception its handling raised: the worker runtime hands a sync handler several
+        messages per thread hop so."""
         check_arguments(batch, interval, timeout)
         await self._context()
         gen = steps(
@@ -503,11 +510,15 @@ class Consumer:
                     return None
             if type(cmd) is Handle:
                 errors: list[Exception | None] = []
-                for msg, out in zip(cmd.msgs, cmd.outs, strict=True):
+                outcomes = None if handle_many is None else await handle_many(cmd.msgs, cmd.outs)
+                for i, (msg, out) in enumerate(zip(cmd.msgs, cmd.outs, strict=True)):
                     try:
-                        r = handler(msg, out)
-                        if asyncio.iscoroutine(r):
-                            await r
+                        if outcomes is None:
+                            r = handler(msg, out)
+                            if asyncio.iscoroutine(r):
+                                await r
+                        elif outcomes[i] is not None:
+                            raise outcomes[i]  # type: ignore[misc]
                         prepare = out._prepare()
                         if prepare is not None:
                             await adrive(prepare)

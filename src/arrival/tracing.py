@@ -55,6 +55,7 @@ __all__ = [
     "inject",
     "process_span",
     "record_failure",
+    "resumed",
 ]
 
 SYSTEM = "arrival"
@@ -150,6 +151,17 @@ def _failed(span: Span, exc: BaseException) -> None:
     span.record_exception(exc)
     span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
     span.set_attribute(_ERROR_TYPE, type(exc).__qualname__)
+
+
+@contextlib.contextmanager
+def resumed(span: Span | None) -> Iterator[None]:
+    """Make ``span`` (from ``process_span``, possibly ended) current again, for work done
+    for its message afterwards, elsewhere: what it sends then carries that span on."""
+    if span is None or not ENABLED:
+        yield
+        return
+    with trace.use_span(span, end_on_exit=False):
+        yield
 
 
 def record_failure(span: Span | None, exc: BaseException) -> None:
