@@ -805,3 +805,32 @@ def test_the_app_traces_send_retries_process_and_outputs(
     trace_ids = {s.get_span_context().trace_id for s in finished}  # type: ignore[union-attr]
     assert len(trace_ids) == 1
     broker.close()
+
+
+def test_a_chunked_sync_handler_keeps_each_messages_sends_in_its_span(
+    spans: InMemorySpanExporter,
+) -> None:
+    broker = arrival.connect("memory:")
+    broker.create_queue("in", "at-least-once")
+    broker.create_queue("out", "at-least-once")
+    app = arrival.App(broker)
+
+    @app.handler("in")
+    def relay(body: bytes, ctx: arrival.Context) -> None:  # fast: handed chunks of messages
+        ctx.send("out", body)
+
+    broker.producer().send_batch("in", [str(i).encode() for i in range(200)])
+    app.run(until_idle=0.1)
+    finished = spans.get_finished_spans()
+    process = {
+        dict(s.attributes or {})["messaging.message.id"]: s
+        for s in finished
+        if s.name == "process in"
+    }
+    assert len(process) == 200
+    sends = [s for s in finished if s.name == "send out"]
+    assert len(sends) == 200
+    by_id = {_span_id(p): p for p in process.values()}
+    assert all(_parent_id(s) in by_id for s in sends)  # each under a process span ...
+    assert len({_parent_id(s) for s in sends}) == 200  # ... its own message's
+    broker.close()
