@@ -85,6 +85,7 @@ def broker(tmp_path: Path) -> Iterator[arrival.Broker]:
         assert msg is not None
         msg.reject(f"<script>alert({i})</script> malformed order")
     consumer.close()
+    b.engine.flush().wait()  # the letters are in the DLQ once the writer committed them
     yield b
     b.close()
 
