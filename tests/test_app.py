@@ -731,20 +731,24 @@ def test_max_total_deliveries_dead_letters_before_the_handler_runs(guarantee: st
     broker.close()
 
 
-def test_a_fast_sync_handler_gets_several_messages_per_thread_hop(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    broker = arrival.connect("memory:")
-    broker.create_queue("fast", "at-least-once", dead_letter="fast.dlq")
-    broker.create_queue("out", "at-least-once")
-    chunks: list[int] = []
+@pytest.fixture
+def chunks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of the chunks the app hands its sync handlers' threads."""
+    sizes: list[int] = []
     real = arrival.App._run_chunk
 
     def counting(self: arrival.App, h: Any, ready: list[Any]) -> Any:
-        chunks.append(len(ready))
+        sizes.append(len(ready))
         return real(self, h, ready)
 
     monkeypatch.setattr(arrival.App, "_run_chunk", counting)
+    return sizes
+
+
+def test_a_fast_sync_handler_gets_several_messages_per_thread_hop(chunks: list[int]) -> None:
+    broker = arrival.connect("memory:")
+    broker.create_queue("fast", "at-least-once", dead_letter="fast.dlq")
+    broker.create_queue("out", "at-least-once")
     app = arrival.App(broker)
     calls: list[bytes] = []
 
@@ -794,19 +798,11 @@ def test_a_failure_in_a_chunk_stops_it_and_an_opened_breaker_releases_the_rest(
 
 
 def test_an_exactly_once_sync_handler_gets_chunks_and_a_failure_discards_only_its_outputs(
-    monkeypatch: pytest.MonkeyPatch,
+    chunks: list[int],
 ) -> None:
     broker = arrival.connect("memory:")
     broker.create_queue("payments", "exactly-once", dead_letter="payments.dlq")
     broker.create_queue("ledger", "exactly-once")
-    chunks: list[int] = []
-    real = arrival.App._run_chunk
-
-    def counting(self: arrival.App, h: Any, ready: list[Any]) -> Any:
-        chunks.append(len(ready))
-        return real(self, h, ready)
-
-    monkeypatch.setattr(arrival.App, "_run_chunk", counting)
     app = arrival.App(broker)
     calls: list[int] = []
 

@@ -35,7 +35,6 @@ import enum
 import hashlib
 import inspect
 import logging
-import math
 import os
 import random
 import re
@@ -48,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from arrival import aio, tracing
+from arrival._common import check_seconds
 from arrival._process import OutputsBase
 from arrival.app.codec import CONTENT_TYPE, decoder_for, encode
 from arrival.errors import (
@@ -59,6 +59,7 @@ from arrival.errors import (
     UsageError,
 )
 from arrival.model import Backoff, Guarantee, QueueSpec
+from arrival.router import _guarantee, weaker
 from arrival.semantics.breaker import Breaker, BreakerState, CircuitBreaker
 from arrival.semantics.retry import backoff_delay
 
@@ -66,7 +67,6 @@ __all__ = ["App", "Context", "HandlerStats", "RetryPolicy"]
 
 log = logging.getLogger("arrival.app")
 
-_STRENGTH = {Guarantee.AT_MOST_ONCE: 0, Guarantee.AT_LEAST_ONCE: 1, Guarantee.EXACTLY_ONCE: 2}
 DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
 _POLL_S = 0.1  # how often an idle handler looks at its breaker and the stop flag
 MAX_PREFETCH = 256  # messages a handler holds beyond those it is handling, at most
@@ -248,16 +248,9 @@ class Context:
 
 
 def _guarantee_of(tp: Any) -> Guarantee | None:
+    """What a message type requires (its ``__guarantee__``, as the router reads it)."""
     value = getattr(tp, "__guarantee__", None)
-    if value is None:
-        return None
-    try:
-        return Guarantee(value)
-    except ValueError:
-        raise UsageError(
-            f"{tp.__name__}.__guarantee__ is {value!r}, not one of "
-            f"{', '.join(g.value for g in Guarantee)}"
-        ) from None
+    return None if value is None else _guarantee(value, f"{tp.__name__}.__guarantee__")
 
 
 def _inspect(fn: Callable[..., Any]) -> tuple[_Takes, Any, bool]:
@@ -313,7 +306,7 @@ class App:
     ) -> None:
         if not isinstance(name, str) or not name:
             raise UsageError("an app's name is a non-empty str (it is the default group)")
-        _check_seconds("shutdown_timeout", shutdown_timeout)
+        check_seconds("shutdown_timeout", shutdown_timeout)
         self.url = url
         self.name = name
         self.instance = (
@@ -474,7 +467,7 @@ class App:
         if not self._handlers:
             raise UsageError("the app has no handlers: decorate a function with @app.handler")
         if until_idle is not None:
-            _check_seconds("until_idle", until_idle)
+            check_seconds("until_idle", until_idle)
         self.running = True
         self._stopping = False
         self._until_idle = until_idle
@@ -537,7 +530,7 @@ class App:
             h.ack_timeout = spec.ack_timeout
             h.stats.guarantee = str(spec.guarantee)
             needs = _guarantee_of(h.payload_type)
-            if needs is not None and _STRENGTH[spec.guarantee] < _STRENGTH[needs]:
+            if needs is not None and weaker(spec.guarantee, needs):
                 raise GuaranteeMismatch(
                     h.queue,
                     {
@@ -865,7 +858,8 @@ class App:
     def _payload(self, h: _Handler, msg: aio.Message) -> Any:
         if h.takes is _Takes.MESSAGE:
             return msg
-        return h.decode(msg.body, msg.headers.get(CONTENT_TYPE))
+        headers = msg._rec[3]  # the stored mapping: ``msg.headers`` would copy it
+        return h.decode(msg.body, headers.get(CONTENT_TYPE) if headers else None)
 
     async def _call(self, h: _Handler, payload: Any, ctx: Context) -> None:
         args = (payload, ctx) if h.with_context else (payload,)
@@ -1099,16 +1093,11 @@ def _no_decode(body: bytes, content_type: str | None) -> Any:
     return body
 
 
-def _check_seconds(what: str, value: object) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise UsageError(f"{what} must be a finite number of seconds > 0, not {value!r}")
+_NO_SPAN = contextlib.nullcontext()  # reusable: yields None, as process_span does
 
 
 def _span(msg: aio.Message, group: str) -> contextlib.AbstractContextManager[Any]:
-    """The OpenTelemetry ``process`` span of a message (a no-op without opentelemetry)."""
+    """The OpenTelemetry ``process`` span of a message (nothing without opentelemetry)."""
+    if not tracing.ENABLED:
+        return _NO_SPAN
     return tracing.process_span(msg, group=group)
