@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -276,11 +277,19 @@ def test_closed_producer_refuses_sends(broker: arrival.Broker) -> None:
 # -- connecting ------------------------------------------------------------------------
 
 
-def test_nats_urls_are_not_supported_yet() -> None:
+def test_a_nats_url_without_nats_py_says_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "nats", None)  # as if nats-py were not installed
     url = "nats://127.0.0.1:4222"
-    with pytest.raises(NotSupported, match="no JetStream backend") as info:
+    with pytest.raises(NotSupported, match=r"pip install 'arrival\[nats\]'") as info:
         arrival.connect(url)
     assert url in str(info.value)
+
+
+def test_a_nats_url_refuses_options_for_embedded_brokers() -> None:
+    with pytest.raises(UsageError, match="embedded brokers"):
+        arrival.connect("nats://127.0.0.1:4222", producer_horizon=60.0)
 
 
 def test_unknown_scheme_is_a_usage_error() -> None:

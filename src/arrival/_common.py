@@ -23,7 +23,6 @@ from arrival.engine import Engine, Send, TxnAcks, check_size
 from arrival.errors import (
     DedupHorizonPassed,
     MessageTooLarge,
-    NotSupported,
     ProducerFenced,
     SequenceError,
     TransactionError,
@@ -70,12 +69,6 @@ def open_engine(
         return Engine(MemoryStorage(), **options), text
     scheme, sep, _rest = text.partition("://")
     if sep:
-        if scheme == "nats":
-            raise NotSupported(
-                f"can't connect to {text!r}: this arrival release has no JetStream backend "
-                f"yet; connect to a directory (e.g. './data'), 'memory:' or an arrival "
-                f"server ('arrival://host:port')"
-            )
         raise UsageError(
             f"can't connect to {text!r}: unknown scheme {scheme!r}; use a directory path, "
             f"'memory:', 'arrival://host:port' or 'nats://host:port'"
@@ -94,6 +87,27 @@ def remote_url(url: str | os.PathLike[str] | Storage | None) -> str | None:
     if isinstance(url, str) and url.startswith(("arrival://", "arrivals://")):
         return url
     return None
+
+
+def nats_url(url: str | os.PathLike[str] | Storage | None) -> str | None:
+    """``url`` (or ``$ARRIVAL_URL``) if it names NATS JetStream servers, else None."""
+    if url is None:
+        url = os.environ.get("ARRIVAL_URL", DEFAULT_URL)
+    if isinstance(url, str) and url.startswith("nats://"):
+        return url
+    return None
+
+
+def nats_backend(url: str, *, reconnect: float, token: str | None, extra: bool) -> Backend:
+    """The JetStream backend for ``url``; ``extra`` is True if local-only options were
+    passed, which JetStream has no use for."""
+    if extra:
+        raise UsageError("clock, rng and producer_horizon are for embedded brokers")
+    from arrival.jetstream import open_backend
+
+    backend = open_backend(url, reconnect=reconnect, token=token)
+    assert isinstance(backend, Backend)
+    return backend
 
 
 def local_backend(

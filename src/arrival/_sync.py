@@ -20,6 +20,8 @@ from arrival._common import (
     TransactionCore,
     batch_to_send,
     local_backend,
+    nats_backend,
+    nats_url,
     queue_spec,
     remote_url,
     to_send,
@@ -96,6 +98,10 @@ def connect(
     with their producer sequence, so they are stored once.
     ``clock`` and ``rng`` replace the system clock and randomness (tests only).
     """
+    nats = nats_url(url)
+    if nats is not None:
+        extra = clock is not None or rng is not None or producer_horizon is not None
+        return Broker(nats_backend(nats, reconnect=reconnect, token=token, extra=extra))
     remote = remote_url(url)
     if remote is not None:
         from arrival.client import SyncClient
@@ -133,7 +139,8 @@ class Broker:
     def engine(self) -> Engine:
         """The embedded engine (for tests and tools); NotSupported over the network."""
         if not isinstance(self._b, LocalBackend):
-            raise NotSupported(f"{self.url!r} is a server: its engine runs in its process")
+            where = "NATS JetStream" if self.url.startswith("nats://") else "a server"
+            raise NotSupported(f"{self.url!r} is {where}: its engine runs in its process")
         return self._b.engine
 
     def create_queue(

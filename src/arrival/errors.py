@@ -9,6 +9,7 @@ ArrivalError                      base; ``retriable`` says whether the same call
 │   ├── InvalidQueueSpec          a setting is out of range or would weaken the guarantee
 │   ├── MessageTooLarge
 │   ├── NotSupported              the operation has no meaning under this queue's guarantee
+│   │   └── GuaranteeUnavailable  this backend cannot hold the queue's declared guarantee
 │   ├── ClosedError               the broker, producer or consumer was closed
 │   ├── TransactionError          a transaction used wrongly (after its end, too large)
 │   ├── UndecodableMessage        a body that does not decode into the handler's type
@@ -45,6 +46,7 @@ __all__ = [
     "DedupHorizonPassed",
     "EnvironmentFailure",
     "GuaranteeMismatch",
+    "GuaranteeUnavailable",
     "InvalidQueueSpec",
     "LeaseExpired",
     "MessageTooLarge",
@@ -119,6 +121,15 @@ class MessageTooLarge(UsageError):
 
 class NotSupported(UsageError):
     """The operation has no meaning under the queue's guarantee."""
+
+
+class GuaranteeUnavailable(NotSupported):
+    """The backend cannot hold what the queue declares (``create_queue`` refuses it)."""
+
+    def __init__(self, queue: str, guarantee: object, detail: str) -> None:
+        super().__init__(f"can't create {guarantee} queue {queue!r} here: {detail}")
+        self.queue = queue
+        self.detail = detail
 
 
 class ClosedError(UsageError):

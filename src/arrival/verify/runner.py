@@ -55,10 +55,20 @@ from arrival.verify.history import (
     dump,
     load,
 )
+from arrival.verify.natsserver import NatsCluster, NatsServer
 from arrival.verify.proxy import FaultProxy
 from arrival.verify.workload import intact
 
-__all__ = ["FAULTS", "GUARANTEES", "Options", "Result", "parse_canaries", "run"]
+__all__ = [
+    "FAULTS",
+    "GUARANTEES",
+    "NATS_FAULTS",
+    "TARGETS",
+    "Options",
+    "Result",
+    "parse_canaries",
+    "run",
+]
 
 GUARANTEES = ("at-most-once", "at-least-once", "exactly-once")
 FAULTS = (
@@ -76,6 +86,13 @@ mode that keeps un-fsynced writes in memory, so every server kill is a power cut
 ``corrupt`` runs after the audit, on copies of the stopped server's data directory:
 bytes flipped or the file cut short, then opened and read in full."""
 CORRUPTION_TRIALS = 12
+
+TARGETS = ("server", "nats")
+NATS_FAULTS = ("kill", "pause", "pause-consumer", "kill-worker")
+"""The faults a NATS JetStream cluster run takes: a node SIGKILLed and restarted, a node
+paused (SIGSTOP) and resumed, and the workload's own. The others act on arrival's server
+and its storage, which a cluster run does not have."""
+NATS_NODES = 3
 
 ACK_TIMEOUT_S = 2.0  # the verify queues' lease: pauses are 0.5-3x this
 NETWORK_FAULTS = ("cut", "cut-mid-frame", "split", "delay", "blackhole", "half-open")
@@ -96,6 +113,7 @@ class Options:
     heal_deadline: float = 60.0  # seconds for everything to settle after the faults
     workdir: str | None = None  # keep the run's files here (default: a temp dir, removed)
     canary: str | None = None  # a test-only broken mode the run must catch
+    target: str = "server"  # "server": arrival serve; "nats": a 3-node JetStream cluster
     progress: Callable[[str, float], None] | None = None  # (phase, fraction done)
 
 
@@ -218,6 +236,46 @@ class _Server:
             self.kill()
 
 
+class _Cluster:
+    """A 3-node NATS JetStream cluster on loopback, its nodes killed, paused and restarted
+    one at a time; clients reach it through every node's URL."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.cluster: NatsCluster | None = None
+
+    def start(self) -> None:
+        self.cluster = NatsCluster.start(self.directory, size=NATS_NODES)
+
+    @property
+    def url(self) -> str:
+        assert self.cluster is not None
+        monitors = ",".join(self.cluster.monitor_urls)
+        return f"{self.cluster.url}?namespace=verify&monitor={monitors}"
+
+    def nodes(self) -> list[NatsServer]:
+        assert self.cluster is not None
+        return list(self.cluster.nodes)
+
+    def heal(self) -> list[float]:
+        """Every node running again; the seconds each restart took."""
+        took = []
+        for node in self.nodes():
+            if node.state == "paused":
+                node.resume()
+            elif node.state != "running":
+                t0 = time.monotonic()
+                node.restart()
+                took.append(time.monotonic() - t0)
+        assert self.cluster is not None
+        self.cluster.wait_ready()
+        return took
+
+    def stop(self) -> None:
+        if self.cluster is not None:
+            self.cluster.stop()
+
+
 @dataclass
 class _Worker:
     role: str
@@ -303,6 +361,7 @@ class _Run:
         # with the power-loss storage mode on, every SIGKILL of the server is a power cut
         self.kill_kind = "power-loss" if "power-loss" in opts.faults else "kill"
         self.server = _Server(root / "data", root / "server.log", env)
+        self.nats = _Cluster(root / "nats") if opts.target == "nats" else None
         (root / "history").mkdir()
         self.workers = _Workers(root / "history", root / "workers.log")
         self.proxy: FaultProxy | None = None
@@ -315,11 +374,20 @@ class _Run:
 
     # -- setup -------------------------------------------------------------------------
 
+    @property
+    def admin_url(self) -> str:
+        """Where the runner itself connects: the server, or the cluster."""
+        return self.nats.url if self.nats is not None else self.server.url
+
     def setup(self) -> None:
         o = self.o
-        self.server.start()
-        self.proxy = FaultProxy(("127.0.0.1", self.server.port), seed=o.seed)
-        url = self.proxy.url
+        if self.nats is not None:
+            self.nats.start()
+            url = self.nats.url  # nats-py moves between the nodes by itself
+        else:
+            self.server.start()
+            self.proxy = FaultProxy(("127.0.0.1", self.server.port), seed=o.seed)
+            url = self.proxy.url
         options: dict[str, Any] = {}
         if o.guarantee != "at-most-once":
             options = {
@@ -329,7 +397,7 @@ class _Run:
             }
         else:
             options = {"capacity": 1_000_000}
-        with arrival.connect(self.server.url) as b:
+        with arrival.connect(self.admin_url) as b:
             b.create_queue("verify", o.guarantee, **options)
             if o.guarantee == "exactly-once":
                 b.create_queue("verify-out", o.guarantee, **options)
@@ -386,10 +454,34 @@ class _Run:
         time.sleep(down)
         self.recoveries.append(self.server.start())
 
+    def nats_fault(self, kind: str) -> bool:
+        """Fire, hold and heal one fault on the cluster; False if ``kind`` is not one."""
+        assert self.nats is not None
+        rng = self.rng
+        if kind not in ("kill", "pause"):
+            return False
+        node = rng.choice([n for n in self.nats.nodes() if n.state == "running"])
+        if kind == "kill":
+            down = rng.uniform(0.0, 2.0)
+            node.kill()
+            self.fault("kill", f"node {node.name} down {down:.2f} s")
+            time.sleep(down)
+            t0 = time.monotonic()
+            node.restart()
+            self.recoveries.append(time.monotonic() - t0)
+        else:
+            hold = rng.uniform(0.5, 3.0) * ACK_TIMEOUT_S
+            node.pause()
+            self.fault("pause", f"node {node.name} {hold:.2f} s")
+            time.sleep(hold)
+            node.resume()
+        return True
+
     def one_fault(self, kind: str) -> None:
         """Fire one fault of ``kind``, hold it, and heal it."""
         rng, proxy = self.rng, self.proxy
-        assert proxy is not None
+        if self.nats is not None and self.nats_fault(kind):
+            return
         if kind in ("kill", "power-loss"):
             self.restart_server(self.kill_kind, rng.uniform(0.0, 2.0))
         elif kind == "pause":
@@ -414,6 +506,7 @@ class _Run:
             time.sleep(rng.uniform(0.0, 1.0))
             self.workers.start(w)
         elif kind == "network":
+            assert proxy is not None
             what = rng.choice(NETWORK_FAULTS)
             hold = rng.uniform(0.2, 2.0)
             self.fault(f"network/{what}")
@@ -480,7 +573,7 @@ class _Run:
             if due >= end:
                 break
             time.sleep(max(due - time.monotonic(), 0.0))
-            if not self.server.alive():
+            if self.nats is None and not self.server.alive():
                 code = self.server.proc.returncode if self.server.proc else None
                 self.notes.append(f"the server died by itself (exit {code}); restarted")
                 self.fault("server-died")
@@ -499,12 +592,15 @@ class _Run:
     def heal(self) -> bool:
         """Undo every fault and wait until the workload has settled; False if it did not
         within the heal deadline."""
-        assert self.proxy is not None
-        self.proxy.heal()
-        if not self.server.alive():
-            self.fault("server-died")
-            self.notes.append("the server died by itself; restarted to heal")
-            self.recoveries.append(self.server.start())
+        if self.nats is not None:
+            self.recoveries += self.nats.heal()
+        else:
+            assert self.proxy is not None
+            self.proxy.heal()
+            if not self.server.alive():
+                self.fault("server-died")
+                self.notes.append("the server died by itself; restarted to heal")
+                self.recoveries.append(self.server.start())
         for w in self.workers.all:
             if w.paused:
                 self.workers.pause(w, False)
@@ -520,7 +616,7 @@ class _Run:
                 self.notes.append(f"producer {w.session} still sending at the heal deadline")
         self.workers.stop(producers, timeout=5.0)
         settled = False
-        with arrival.connect(self.server.url) as b:
+        with arrival.connect(self.admin_url) as b:
             while time.monotonic() < deadline:
                 try:
                     stats = [b.stats(q) for q, _ in self.queues]
@@ -543,7 +639,7 @@ class _Run:
 
     def drain(self) -> list[Event]:
         events: list[Event] = []
-        with arrival.connect(self.server.url) as b:
+        with arrival.connect(self.admin_url) as b:
             for queue, group in self.queues:
                 if queue not in b.queues():
                     continue  # lost with the store (see heal); nothing to drain
@@ -572,8 +668,9 @@ class _Run:
                 c.close()
         return events
 
-    def read_store(self, data: Path) -> list[tuple[str, str, bool]]:
-        """Every message stored in ``data``: (queue, id, body intact)."""
+    def read_store(self, data: Path | str) -> list[tuple[str, str, bool]]:
+        """Every message stored in ``data`` (a data directory, or the cluster's URL):
+        (queue, id, body intact)."""
         out: list[tuple[str, str, bool]] = []
         with arrival.connect(str(data)) as b:
             present = set(b.queues())
@@ -594,10 +691,11 @@ class _Run:
         return out
 
     def audit(self) -> list[Event]:
-        self.server.stop()
+        if self.nats is None:
+            self.server.stop()
         if self.o.guarantee == "at-most-once":
             return []  # at-most-once queues are kept in memory: nothing to audit
-        self.stored = self.read_store(self.server.data)
+        self.stored = self.read_store(self.server.data if self.nats is None else self.admin_url)
         stored = [(q, mid) for q, mid, _ in self.stored]
         events: list[Event] = [Audit(stored, [q for q, _ in self.queues])]
         if self.effects.exists():
@@ -652,6 +750,8 @@ class _Run:
         if self.proxy is not None:
             self.proxy.close()
         self.server.stop()
+        if self.nats is not None:
+            self.nats.stop()
 
 
 def merge(paths: Iterator[Path], end: float) -> list[Event]:
@@ -690,9 +790,16 @@ def run(opts: Options) -> Result:
     """One verify run of ``opts.guarantee``; the files are kept in ``opts.workdir``."""
     if opts.guarantee not in GUARANTEES:
         raise ValueError(f"unknown guarantee {opts.guarantee!r}; known: {', '.join(GUARANTEES)}")
-    unknown = set(opts.faults) - set(FAULTS)
+    if opts.target not in TARGETS:
+        raise ValueError(f"unknown target {opts.target!r}; known: {', '.join(TARGETS)}")
+    known = NATS_FAULTS if opts.target == "nats" else FAULTS
+    unknown = set(opts.faults) - set(known)
     if unknown:
-        raise ValueError(f"unknown faults {sorted(unknown)}; known: {', '.join(FAULTS)}")
+        raise ValueError(
+            f"unknown faults {sorted(unknown)} for target {opts.target}; known: {', '.join(known)}"
+        )
+    if opts.canary and opts.target == "nats":
+        raise ValueError("canaries break arrival's own server; they do not apply to NATS")
     if opts.canary:
         parse_canaries(opts.canary)
     keep = opts.workdir is not None
@@ -719,7 +826,7 @@ def run(opts: Options) -> Result:
         audited = r.audit()
         phases["audit"] = time.monotonic() - t
         silent: list[object] = []
-        if "corrupt" in opts.faults:
+        if "corrupt" in opts.faults and opts.target == "server":
             t = time.monotonic()
             silent = r.corruption()
             phases["corruption"] = time.monotonic() - t

@@ -1,0 +1,1687 @@
+"""``arrival.connect("nats://host:4222")``: the broker operations on NATS JetStream.
+
+JetStream keeps the messages, the consumer positions and the leases, replicated by Raft
+on a cluster; this backend keeps arrival's contract on top of it (docs/cluster.md):
+
+- a queue is a stream (file storage, R3 on a cluster, for durable queues; memory for
+  at-most-once), its spec in the stream's metadata; a group is a durable pull consumer;
+- a durable send waits for the stream's PubAck; sends of several messages go as one
+  atomic batch (nats-server 2.12+); each carries a ``Nats-Msg-Id`` so that a retry is
+  stored once within the stream's duplicate window;
+- the delivery budget, backoff and dead-lettering with provenance are arrival's: the
+  consumer never gives up on its own (``max_deliver=-1``); a nack past the budget, or a
+  delivery that arrives past it (after lease expiries), is published to the dead-letter
+  stream and then acked;
+- acks on exactly-once queues are JetStream double acks (confirmed by the server).
+
+nats-py is asyncio-only: its client runs on an event loop in a thread of its own, and
+each operation returns a ``Future`` that the loop completes, so the blocking and the
+asyncio APIs share it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import json
+import random
+import threading
+import time
+import urllib.request
+import uuid
+from collections import deque
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import parse_qs, urlsplit
+
+import nats
+import nats.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from arrival._backend import Backend, Where
+from arrival._codec import RecordTuple
+from arrival._pending import Future, Pending, Ready
+from arrival.engine import (
+    DLQ_GROUP,
+    H_ATTEMPTS,
+    H_DEAD_AT,
+    H_FAILURES,
+    H_LAST_ERROR,
+    H_LAST_FAILURE,
+    H_ORIGIN_GROUP,
+    H_ORIGIN_OFFSET,
+    H_ORIGIN_QUEUE,
+    H_QUARANTINED,
+    H_REASON,
+    H_REPLAY_GROUP,
+    H_REPLAYS,
+    DeadMessage,
+    Delivery,
+    ProducerSeq,
+    Send,
+    TxnAcks,
+    _check_id,
+    check_size,
+)
+from arrival.errors import (
+    AlreadySettled,
+    ArrivalError,
+    BrokerUnreachable,
+    ClosedError,
+    GuaranteeUnavailable,
+    InvalidQueueSpec,
+    LeaseExpired,
+    NotSupported,
+    ProducerFenced,
+    TransactionTimedOut,
+    UnknownQueue,
+    UsageError,
+)
+from arrival.jetstream import mapping
+from arrival.model import (
+    BrokerStats,
+    ConsumerStats,
+    GroupStats,
+    Guarantee,
+    QueueDescription,
+    QueueSpec,
+    QueueStats,
+    StoredMessage,
+)
+from arrival.semantics.retry import DeadLetter, decide_retry
+from arrival.semantics.spec import (
+    check_compatible,
+    dead_letter_spec,
+    decode_spec,
+    describe,
+    validate_queue_name,
+)
+
+__all__ = ["NatsBackend", "NatsOptions", "parse_nats_url"]
+
+T = TypeVar("T")
+
+API = "$JS.API"
+API_TIMEOUT_S = 5.0  # one JetStream API request
+OP_DEADLINE_S = 30.0  # how long an operation keeps retrying while the cluster recovers
+RETRY_PAUSE_S = 0.25
+MAX_BATCH = 1000  # JetStream's limit of messages in one atomic batch
+PULL_EXPIRES_S = 5.0  # a long poll's pull request, renewed while receive() waits
+ATOMIC_VERSION = (2, 12, 0)
+MIN_VERSION = (2, 10, 0)
+TXN_BUCKET_SUFFIX = "_txn"
+
+ERR_STREAM_NOT_FOUND = 10059
+ERR_CONSUMER_NOT_FOUND = 10014
+ERR_STREAM_NAME_IN_USE = 10058
+ERR_NO_CLUSTER = 10074  # replicas > 1 not supported in non-clustered mode
+ERR_INSUFFICIENT_RESOURCES = 10023
+ERR_BATCH_DUPLICATE = 10201  # an atomic batch repeats a message id already stored
+ERR_MSG_NOT_FOUND = 10037
+
+
+@dataclass(frozen=True)
+class NatsOptions:
+    """What ``nats://`` URLs carry besides the servers (``?name=value&...``).
+
+    ``namespace``: prefix of every stream arrival makes (letters and digits);
+    ``replicas``: stream replicas of durable queues (default: 3 on a cluster, else 1);
+    ``monitor``: the servers' monitoring URLs (``http://host:8222``, comma-separated),
+    read to check that they fsync before acknowledging (``sync_interval: always``);
+    ``fsync``: ``verify`` (default) refuses a durable queue unless every server is seen
+    to fsync before acknowledging; ``trust`` takes the operator's word for it.
+    """
+
+    servers: tuple[str, ...]
+    namespace: str = "arrival"
+    replicas: int | None = None
+    monitor: tuple[str, ...] = ()
+    fsync: str = "verify"
+
+
+def parse_nats_url(url: str) -> NatsOptions:
+    """``nats://h1:4222,h2:4222?namespace=app&monitor=http://h1:8222`` → options."""
+    text, _, query = url.partition("?")
+    servers = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "://" not in part:
+            part = "nats://" + part
+        parts = urlsplit(part)
+        if parts.scheme not in ("nats", "tls") or not parts.hostname:
+            raise UsageError(f"not a NATS server URL: {part!r}; use nats://host:4222")
+        servers.append(part)
+    if not servers:
+        raise UsageError(f"no NATS server in {url!r}; use nats://host:4222")
+    opts: dict[str, Any] = {}
+    for name, values in parse_qs(query, keep_blank_values=True).items():
+        value = values[-1]
+        if name == "namespace":
+            if not mapping.NAMESPACE.fullmatch(value):
+                raise UsageError(
+                    f"namespace {value!r}: use 1-32 letters and digits (it prefixes stream names)"
+                )
+            opts["namespace"] = value
+        elif name == "replicas":
+            if value not in ("1", "3", "5"):
+                raise UsageError(f"replicas={value!r}: use 1, 3 or 5")
+            opts["replicas"] = int(value)
+        elif name == "monitor":
+            opts["monitor"] = tuple(v.strip() for v in value.split(",") if v.strip())
+        elif name == "fsync":
+            if value not in ("verify", "trust"):
+                raise UsageError(f"fsync={value!r}: use 'verify' or 'trust'")
+            opts["fsync"] = value
+        else:
+            raise UsageError(
+                f"unknown option {name!r} in {url!r}; known: namespace, replicas, monitor, fsync"
+            )
+    return NatsOptions(servers=tuple(servers), **opts)
+
+
+class JetStreamError(ArrivalError):
+    """An error answer of the JetStream API."""
+
+    def __init__(self, code: int, err_code: int, description: str) -> None:
+        super().__init__(f"JetStream: {description} (error {err_code})")
+        self.code = code
+        self.err_code = err_code
+        self.retriable = code in (503, 408)
+
+
+def _version(text: str) -> tuple[int, ...]:
+    nums = []
+    for part in text.split("-")[0].split("."):
+        try:
+            nums.append(int(part))
+        except ValueError:
+            break
+    return tuple(nums)
+
+
+def _status(msg: Msg) -> str | None:
+    h = msg.headers
+    if not h or msg.data:
+        return None
+    return h.get("Status")
+
+
+@dataclass
+class _Held:
+    msg: Msg
+    deadline: float  # our lease: the wall-clock time until which an ack is accepted
+    failures_before: int
+    keepalive: asyncio.TimerHandle | None = None
+
+
+@dataclass
+class _Member:
+    id: int
+    queue: str
+    group: str
+    spec: QueueSpec
+    stream: str
+    consumer: str
+    inbox: str
+    sub: Subscription | None = None
+    buffer: deque[tuple[Msg, float]] = field(default_factory=deque)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    pull_left: int = 0  # messages the outstanding pull request may still bring
+    no_wait: bool = False  # it is a no_wait request: the server answers it at once
+    pull_until: float = 0.0
+    held: dict[tuple[int, int], _Held] = field(default_factory=dict)
+    closed: bool = False
+    received: int = 0
+    acked: int = 0
+    nacked: int = 0
+    rejected: int = 0
+
+
+class NatsBackend(Backend):
+    """The broker operations on NATS JetStream, through one nats-py connection."""
+
+    def __init__(self, url: str, *, reconnect: float = 30.0, token: str | None = None) -> None:
+        self.url = url
+        self.options = parse_nats_url(url)
+        self._reconnect = reconnect
+        self._token = token
+        self._rng = random.Random()
+        self._specs: dict[str, QueueSpec] = {}
+        self._members: dict[int, _Member] = {}
+        self._member_ids = itertools.count(1)
+        self._closed = False
+        self._fsync: str | None = None  # "always", "interval Ns", or None: not known
+        self._replicas: int | None = self.options.replicas
+        self._txn_revisions: dict[str, int] = {}
+        self._commits = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run_loop, name="arrival-nats", daemon=True)
+        self._thread.start()
+        self._nc: NatsClient | None = None
+        self.server_version: tuple[int, ...] = ()
+        try:
+            self._call(self._connect()).wait()
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    # -- the loop thread ----------------------------------------------------------------
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_forever()
+
+    def _stop_loop(self) -> None:
+        if self._loop.is_closed():
+            return
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
+        """Run ``coro`` on the loop; its result or error completes the returned Future."""
+        fut: Future[T] = Future()
+
+        def start() -> None:
+            task = self._loop.create_task(coro)
+
+            def done(t: asyncio.Task[T]) -> None:
+                if t.cancelled():
+                    fut.set_exception(ClosedError("the broker"))
+                elif (exc := t.exception()) is not None:
+                    fut.set_exception(exc)
+                else:
+                    fut.set_result(t.result())
+
+            task.add_done_callback(done)
+
+        try:
+            self._loop.call_soon_threadsafe(start)
+        except RuntimeError:
+            coro.close()
+            fut.set_exception(ClosedError("the broker"))
+        return fut
+
+    # -- connection ---------------------------------------------------------------------
+    async def _connect(self) -> None:
+        wait = 0.5
+        attempts = max(1, int(self._reconnect / wait)) if self._reconnect > 0 else 0
+        try:
+            nc = await nats.connect(
+                servers=list(self.options.servers),
+                name="arrival",
+                connect_timeout=5,
+                allow_reconnect=self._reconnect > 0,
+                max_reconnect_attempts=attempts,
+                reconnect_time_wait=wait,
+                token=self._token,
+                error_cb=self._on_error,
+            )
+        except (TimeoutError, OSError, nats.errors.Error) as exc:
+            raise BrokerUnreachable(
+                f"can't connect to {self.url!r}: {exc or type(exc).__name__}"
+            ) from exc
+        self._nc = nc
+        self.server_version = _version(nc.connected_server_version.__str__().split()[-1][1:])
+        info = nc._server_info  # the INFO the server sent: version, jetstream
+        if not info.get("jetstream"):
+            await nc.close()
+            raise NotSupported(
+                f"the NATS server at {self.url!r} runs without JetStream; start it with "
+                f"-js (or a 'jetstream {{}}' block in its configuration)"
+            )
+        self.server_version = _version(str(info.get("version", "0")))
+        if self.server_version < MIN_VERSION:
+            await nc.close()
+            raise NotSupported(
+                f"nats-server {info.get('version')} is too old: arrival needs 2.10 or newer"
+            )
+
+    async def _on_error(self, exc: Exception) -> None:
+        return None  # reconnects are nats-py's; operations see their own errors
+
+    @property
+    def nc(self) -> NatsClient:
+        if self._nc is None or self._closed:
+            raise ClosedError("the broker")
+        return self._nc
+
+    @property
+    def epoch(self) -> int:
+        return 1
+
+    @property
+    def closed(self) -> bool:
+        return self._closed or self._nc is None or self._nc.is_closed
+
+    def now(self) -> float:
+        return time.time()
+
+    # -- the JetStream API --------------------------------------------------------------
+    async def _api(self, subject: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One JetStream API request, retried while the cluster has no leader for it."""
+        payload = json.dumps(body).encode() if body is not None else b""
+        deadline = time.monotonic() + OP_DEADLINE_S
+        while True:
+            try:
+                reply = await self.nc.request(f"{API}.{subject}", payload, timeout=API_TIMEOUT_S)
+                answer: dict[str, Any] = json.loads(reply.data)
+                err = answer.get("error")
+                if err is None:
+                    return answer
+                exc = JetStreamError(err.get("code", 0), err.get("err_code", 0), err["description"])
+                if not exc.retriable:
+                    raise exc
+                error: Exception = exc
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+                error = exc
+            except nats.errors.ConnectionClosedError as exc:
+                raise self._lost(exc) from exc
+            if time.monotonic() > deadline:
+                raise BrokerUnreachable(
+                    f"JetStream at {self.url!r} did not answer {subject.split('.')[0]} within "
+                    f"{OP_DEADLINE_S:g} s ({error or type(error).__name__}): is a quorum of "
+                    f"its servers up?"
+                )
+            await asyncio.sleep(RETRY_PAUSE_S)
+
+    def _lost(self, exc: BaseException) -> ArrivalError:
+        if self._closed:
+            return ClosedError("the broker")
+        return BrokerUnreachable(f"lost the connection to {self.url!r}: {exc}")
+
+    # -- queues -------------------------------------------------------------------------
+    def _stream(self, queue: str) -> str:
+        return mapping.stream_name(self.options.namespace, queue)
+
+    async def _load_spec(self, queue: str) -> QueueSpec:
+        spec = self._specs.get(queue)
+        if spec is not None:
+            return spec
+        try:
+            info = await self._api(f"STREAM.INFO.{self._stream(queue)}")
+        except JetStreamError as exc:
+            if exc.err_code == ERR_STREAM_NOT_FOUND:
+                raise UnknownQueue(queue) from None
+            raise
+        spec = self._spec_of(queue, info)
+        self._specs[queue] = spec
+        return spec
+
+    def _spec_of(self, queue: str, info: dict[str, Any]) -> QueueSpec:
+        meta = (info.get("config") or {}).get("metadata") or {}
+        text = meta.get(mapping.META_SPEC)
+        if text is None:
+            raise UsageError(
+                f"stream {self._stream(queue)!r} exists but was not made by arrival "
+                f"(no {mapping.META_SPEC!r} metadata); use another queue name or namespace"
+            )
+        return decode_spec(text.encode())
+
+    async def _check_fsync(self, spec: QueueSpec) -> None:
+        """Refuse a durable queue unless the servers fsync before they acknowledge."""
+        if spec.guarantee is Guarantee.AT_MOST_ONCE or self.options.fsync == "trust":
+            return
+        state = await self._fsync_state()
+        if state == "always":
+            return
+        if state is None:
+            seen = (
+                "the servers' fsync policy can't be read: no ?monitor= URL was given"
+                if not self.options.monitor
+                else "the servers' fsync policy can't be read from "
+                + ", ".join(self.options.monitor)
+            )
+        else:
+            seen = f"the NATS servers fsync only every {state}, after acknowledging"
+        raise GuaranteeUnavailable(
+            spec.name,
+            spec.guarantee,
+            f"{seen}, so a power loss could lose an acknowledged message. Run every server "
+            f"with 'jetstream {{ sync_interval: always }}' and connect with "
+            f"'?monitor=http://host:8222' (each server's monitoring port) so arrival can "
+            f"check it, or with '?fsync=trust' if you vouch for it",
+        )
+
+    async def _fsync_state(self) -> str | None:
+        if self._fsync is not None:
+            return self._fsync
+        if not self.options.monitor:
+            return None
+        loop = asyncio.get_running_loop()
+        states = []
+        for url in self.options.monitor:
+            try:
+                varz = await loop.run_in_executor(None, _read_varz, url)
+            except (OSError, ValueError):
+                return None
+            config = (varz.get("jetstream") or {}).get("config") or {}
+            if config.get("sync_always"):
+                states.append("always")
+            else:
+                states.append(f"{config.get('sync_interval', 120_000_000_000) / 1e9:g} s")
+        worst = next((s for s in states if s != "always"), "always")
+        self._fsync = worst
+        return worst
+
+    def create_queue(self, spec: QueueSpec) -> Pending[QueueSpec]:
+        return self._call(self._create_queue(spec))
+
+    async def _create_queue(self, spec: QueueSpec) -> QueueSpec:
+        try:
+            stored = await self._load_spec(spec.name)
+        except UnknownQueue:
+            stored = None
+        if stored is not None:
+            check_compatible(stored, spec)
+            return stored
+        await self._check_contract(spec)
+        if spec.dead_letter is not None:
+            try:
+                dl = await self._load_spec(spec.dead_letter)
+            except UnknownQueue:
+                dl = await self._make_stream(dead_letter_spec(spec))
+            if dl.guarantee is Guarantee.AT_MOST_ONCE:
+                raise InvalidQueueSpec(
+                    spec.name,
+                    f"dead_letter {spec.dead_letter!r} is an at-most-once queue, which "
+                    f"may drop what it is given; name a durable queue",
+                )
+        return await self._make_stream(spec)
+
+    async def _check_contract(self, spec: QueueSpec) -> None:
+        await self._check_fsync(spec)
+        if spec.guarantee is Guarantee.EXACTLY_ONCE and self.server_version < ATOMIC_VERSION:
+            raise GuaranteeUnavailable(
+                spec.name,
+                spec.guarantee,
+                f"nats-server {'.'.join(map(str, self.server_version))} has no atomic "
+                f"batch publish, which a transaction's outputs need: use nats-server 2.12 "
+                f"or newer",
+            )
+
+    async def _make_stream(self, spec: QueueSpec) -> QueueSpec:
+        atomic = self.server_version >= ATOMIC_VERSION
+        replicas = self._replicas if self._replicas is not None else 3
+        while True:
+            config = mapping.stream_config(
+                self.options.namespace, spec, replicas=replicas, atomic=atomic
+            )
+            try:
+                await self._api(f"STREAM.CREATE.{config['name']}", config)
+                break
+            except JetStreamError as exc:
+                if (
+                    exc.err_code in (ERR_NO_CLUSTER, ERR_INSUFFICIENT_RESOURCES)
+                    and self._replicas is None
+                    and replicas > 1
+                ):
+                    replicas = 1  # a single server: R1 is all there is
+                    continue
+                if exc.err_code == ERR_STREAM_NAME_IN_USE:  # made by someone else just now
+                    self._specs.pop(spec.name, None)
+                    stored = await self._load_spec(spec.name)
+                    check_compatible(stored, spec)
+                    return stored
+                raise
+        if spec.guarantee is not Guarantee.AT_MOST_ONCE and self._replicas is None:
+            self._replicas = replicas
+        self._specs[spec.name] = spec
+        return spec
+
+    def spec(self, queue: str) -> Pending[QueueSpec]:
+        spec = self._specs.get(queue)
+        if spec is not None:
+            return Ready(spec)
+        return self._call(self._load_spec(queue))
+
+    def is_durable(self, queue: str) -> Pending[bool]:
+        return self._call(self._is_durable(queue))
+
+    async def _is_durable(self, queue: str) -> bool:
+        return (await self._load_spec(queue)).guarantee is not Guarantee.AT_MOST_ONCE
+
+    def describe(self, queue: str) -> Pending[QueueDescription]:
+        return self._call(self._describe(queue))
+
+    async def _describe(self, queue: str) -> QueueDescription:
+        spec = await self._load_spec(queue)
+        info = await self._api(f"STREAM.INFO.{self._stream(queue)}")
+        config = info.get("config") or {}
+        cluster = info.get("cluster") or {}
+        facts = {
+            "backend": "NATS JetStream",
+            "stream": str(config.get("name")),
+            "storage": str(config.get("storage")),
+            "replicas": str(config.get("num_replicas", 1)),
+        }
+        if cluster.get("leader"):
+            facts["leader"] = str(cluster["leader"])
+        d = describe(spec, facts)
+        limits = dict(d.limits)
+        fsync = await self._fsync_state()
+        mechanism = _jetstream_mechanism(spec, config, fsync, self.options)
+        limits.update(_jetstream_limits(spec, config))
+        if spec.guarantee is not Guarantee.AT_MOST_ONCE:
+            limits["fsync"] = fsync or ("trusted" if self.options.fsync == "trust" else "unknown")
+        return QueueDescription(
+            name=d.name,
+            guarantee=d.guarantee,
+            promise=d.promise,
+            mechanism=mechanism,
+            limits=limits,
+            spec=spec,
+        )
+
+    def queue_names(self) -> Pending[list[str]]:
+        return self._call(self._queue_names())
+
+    async def _queue_names(self) -> list[str]:
+        names: list[str] = []
+        offset = 0
+        while True:
+            answer = await self._api("STREAM.NAMES", {"offset": offset})
+            streams = answer.get("streams") or []
+            for s in streams:
+                q = mapping.queue_of_stream(self.options.namespace, s)
+                if q is not None:
+                    names.append(q)
+            offset += len(streams)
+            if not streams or offset >= answer.get("total", 0):
+                break
+        return sorted(names)
+
+    def peek(self, queue: str, limit: int, start: int | None) -> Pending[list[StoredMessage]]:
+        return self._call(self._peek(queue, limit, start))
+
+    async def _peek(self, queue: str, limit: int, start: int | None) -> list[StoredMessage]:
+        await self._load_spec(queue)
+        out = []
+        first = 1 if start is None else start + 1
+        for seq, ts, raw, body in await self._read(self._stream(queue), first, limit):
+            mid, key, headers = mapping.decode_headers(raw)
+            out.append(StoredMessage(seq - 1, mid, key, headers or {}, body, ts))
+        return out
+
+    async def _read(
+        self, stream: str, start: int, limit: int
+    ) -> list[tuple[int, float, dict[str, str] | None, bytes]]:
+        """Up to ``limit`` stored messages from sequence ``start`` on, by direct gets."""
+        out: list[tuple[int, float, dict[str, str] | None, bytes]] = []
+        seq = max(1, start)
+        while len(out) < limit:
+            try:
+                reply = await self.nc.request(
+                    f"{API}.DIRECT.GET.{stream}",
+                    json.dumps({"seq": seq, "next_by_subj": ">"}).encode(),
+                    timeout=API_TIMEOUT_S,
+                )
+            except nats.errors.NoRespondersError:
+                raise UnknownQueue(
+                    mapping.queue_of_stream(self.options.namespace, stream) or stream
+                ) from None
+            except nats.errors.TimeoutError as exc:
+                raise BrokerUnreachable(f"JetStream at {self.url!r} did not answer a read") from exc
+            h = reply.headers or {}
+            status = h.get("Status")
+            if status is not None:
+                if status == "404":
+                    break
+                raise JetStreamError(int(status), 0, h.get("Description", "direct get failed"))
+            got = int(h["Nats-Sequence"])
+            out.append((got, _timestamp(h.get("Nats-Time-Stamp")), h, reply.data))
+            seq = got + 1
+        return out
+
+    def info(self) -> Pending[BrokerStats]:
+        return self._call(self._info())
+
+    async def _info(self) -> BrokerStats:
+        names = await self._queue_names()
+        return BrokerStats(
+            backend=f"nats-server {'.'.join(map(str, self.server_version))} at {self.url}",
+            epoch=self.epoch,
+            queues=len(names),
+            commits=self._commits,
+            fsyncs=self._commits if self._fsync == "always" else 0,
+        )
+
+    def stats(self, queue: str) -> Pending[QueueStats]:
+        return self._call(self._stats(queue))
+
+    async def _stats(self, queue: str) -> QueueStats:
+        spec = await self._load_spec(queue)
+        stream = self._stream(queue)
+        info = await self._api(f"STREAM.INFO.{stream}")
+        state = info.get("state") or {}
+        groups = []
+        listed = await self._api(f"CONSUMER.LIST.{stream}", {"offset": 0})
+        now = time.time()
+        for ci in listed.get("consumers") or []:
+            name = mapping.unescape(ci["name"])
+            pending = int(ci.get("num_pending", 0))
+            in_flight = int(ci.get("num_ack_pending", 0))
+            delivered = (ci.get("delivered") or {}).get("consumer_seq", 0)
+            floor = ci.get("ack_floor") or {}
+            oldest = 0.0
+            if pending or in_flight:
+                first = floor.get("stream_seq", 0) + 1
+                got = await self._read(stream, first, 1)
+                if got:
+                    oldest = max(0.0, now - got[0][1])
+            groups.append(
+                GroupStats(
+                    group=name,
+                    backlog=pending + in_flight,
+                    in_flight=in_flight,
+                    waiting_retry=int(ci.get("num_redelivered", 0)),
+                    delivered=int(delivered),
+                    acked=int(floor.get("consumer_seq", 0)),
+                    redelivered=int(ci.get("num_redelivered", 0)),
+                    nacked=sum(
+                        m.nacked
+                        for m in self._members.values()
+                        if m.stream == stream and m.group == name
+                    ),
+                    expired=0,
+                    dead_lettered=0,
+                    dropped=0,
+                    oldest_unacked_age=oldest,
+                    consumers=sum(
+                        1
+                        for m in self._members.values()
+                        if m.stream == stream and m.group == name and not m.closed
+                    ),
+                )
+            )
+        first = int(state.get("first_seq", 1))
+        last = int(state.get("last_seq", 0))
+        return QueueStats(
+            name=queue,
+            guarantee=spec.guarantee,
+            first_offset=first - 1,
+            end_offset=last,
+            stored=int(state.get("messages", 0)),
+            sent=last,
+            dropped=0,
+            groups=tuple(sorted(groups, key=lambda g: g.group)),
+        )
+
+    # -- producing ----------------------------------------------------------------------
+    def register_producer(self, producer: str) -> Pending[int]:
+        _check_id("a producer id", producer)
+        # an epoch of our own: ids of a new epoch never collide with an earlier one's
+        return Ready(time.time_ns() // 1000)
+
+    def send(
+        self,
+        queue: str,
+        messages: Sequence[Send] | None,
+        bodies: Sequence[bytes] | None,
+        producer: ProducerSeq | None,
+    ) -> Pending[int | None]:
+        if messages is None:
+            assert bodies is not None
+            messages = [(None, None, None, b) for b in bodies]
+        spec = self._specs.get(queue)
+        if spec is not None and spec.guarantee is Guarantee.AT_MOST_ONCE:
+            self._check_sizes(spec, messages)
+            self._loop.call_soon_threadsafe(self._fire, spec, list(messages))
+            return Ready(None)
+        return self._call(self._send(queue, list(messages), producer))
+
+    @staticmethod
+    def _check_sizes(spec: QueueSpec, messages: Sequence[Send]) -> None:
+        for mid, key, headers, body in messages:
+            check_size(spec.name, spec.max_message_bytes, headers, body)
+            mapping.encode_headers(mid, key, headers)  # refuses what NATS can't carry
+
+    def _fire(self, spec: QueueSpec, messages: list[Send]) -> None:
+        """At-most-once: published without waiting for anything, never repeated."""
+        ns = self.options.namespace
+        for mid, key, headers, body in messages:
+            subj = mapping.subject(ns, spec.name, key, conflate=spec.conflate)
+            h = mapping.encode_headers(mid, key, headers)
+            self._loop.create_task(self._publish_quietly(subj, body, h))
+
+    async def _publish_quietly(self, subj: str, body: bytes, h: dict[str, str] | None) -> None:
+        with contextlib.suppress(nats.errors.Error, OSError):
+            await self.nc.publish(subj, body, headers=h)
+
+    async def _send(
+        self, queue: str, messages: list[Send], producer: ProducerSeq | None
+    ) -> int | None:
+        spec = await self._load_spec(queue)
+        self._check_sizes(spec, messages)
+        if spec.guarantee is Guarantee.AT_MOST_ONCE:
+            self._fire(spec, messages)
+            return None
+        if producer is not None:
+            pid, epoch, seq = producer
+            base = f"p:{pid}:{epoch}:{seq}"
+        else:
+            base = "a:" + uuid.uuid4().hex
+        records = [(time.time(), mid, key, headers, body) for mid, key, headers, body in messages]
+        ids = [self._msg_id(spec, base, i, r[1]) for i, r in enumerate(records)]
+        return await self._publish(spec, records, ids)
+
+    @staticmethod
+    def _msg_id(spec: QueueSpec, base: str, i: int, mid: str | None) -> str:
+        if spec.dedup and mid is not None:
+            return "i:" + mid
+        return f"{base}:{i}"
+
+    async def _publish(
+        self, spec: QueueSpec, records: Sequence[RecordTuple], ids: list[str]
+    ) -> int:
+        """Store ``records`` durably, each once; the first one's sequence."""
+        ns = self.options.namespace
+        msgs = []
+        for (_ts, mid, key, headers, body), msg_id in zip(records, ids, strict=True):
+            h = mapping.encode_headers(mid, key, headers) or {}
+            h["Nats-Msg-Id"] = msg_id
+            msgs.append((mapping.subject(ns, spec.name, key, conflate=spec.conflate), h, body))
+        first: int | None = None  # a sequence: offsets are sequences - 1 (they start at 0)
+        atomic = self.server_version >= ATOMIC_VERSION and not spec.dedup
+        for start in range(0, len(msgs), MAX_BATCH):
+            chunk = msgs[start : start + MAX_BATCH]
+            if atomic and len(chunk) > 1:
+                got = await self._publish_batch(chunk)
+            else:
+                got = await self._publish_each(chunk)
+            first = got if first is None else first
+        self._commits += 1
+        assert first is not None
+        return first - 1
+
+    async def _publish_each(self, msgs: list[tuple[str, dict[str, str], bytes]]) -> int:
+        acks = await asyncio.gather(*(self._publish_one(s, h, b) for s, h, b in msgs))
+        return acks[0]  # a duplicate answers with its original's sequence
+
+    async def _publish_one(self, subj: str, h: dict[str, str], body: bytes) -> int:
+        deadline = time.monotonic() + OP_DEADLINE_S
+        while True:
+            try:
+                reply = await self.nc.request(subj, body, headers=h, timeout=API_TIMEOUT_S)
+                answer = json.loads(reply.data)
+                err = answer.get("error")
+                if err is None:
+                    return int(answer["seq"])
+                exc = JetStreamError(err.get("code", 0), err.get("err_code", 0), err["description"])
+                if not exc.retriable:
+                    raise exc
+                error: Exception = exc
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+                error = exc  # the same Nats-Msg-Id again: stored once if it got there
+            except nats.errors.ConnectionClosedError as exc:
+                raise self._lost(exc) from exc
+            if time.monotonic() > deadline:
+                raise BrokerUnreachable(
+                    f"JetStream at {self.url!r} did not store a message within "
+                    f"{OP_DEADLINE_S:g} s ({error or type(error).__name__})"
+                )
+            await asyncio.sleep(RETRY_PAUSE_S)
+
+    async def _publish_batch(self, msgs: list[tuple[str, dict[str, str], bytes]]) -> int:
+        """All of ``msgs`` or none, as one atomic batch (nats-server 2.12+)."""
+        deadline = time.monotonic() + OP_DEADLINE_S
+        while True:
+            batch = uuid.uuid4().hex
+            last = len(msgs)
+            try:
+                for n, (subj, h, body) in enumerate(msgs, 1):
+                    hb = dict(h, **{"Nats-Batch-Id": batch, "Nats-Batch-Sequence": str(n)})
+                    if n < last:
+                        await self.nc.publish(subj, body, headers=hb)
+                    else:
+                        hb["Nats-Batch-Commit"] = "1"
+                        reply = await self.nc.request(subj, body, headers=hb, timeout=API_TIMEOUT_S)
+                answer = json.loads(reply.data)
+                err = answer.get("error")
+                if err is None:
+                    return int(answer["seq"]) - last + 1
+                exc = JetStreamError(err.get("code", 0), err.get("err_code", 0), err["description"])
+                if exc.err_code == ERR_BATCH_DUPLICATE:
+                    # stored before (a batch is all or nothing): each id answers with its
+                    # original sequence
+                    return await self._publish_each(msgs)
+                if not exc.retriable:
+                    raise exc
+                error: Exception = exc
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+                error = exc
+            except nats.errors.ConnectionClosedError as exc:
+                raise self._lost(exc) from exc
+            if time.monotonic() > deadline:
+                raise BrokerUnreachable(
+                    f"JetStream at {self.url!r} did not commit a batch within "
+                    f"{OP_DEADLINE_S:g} s ({error or type(error).__name__})"
+                )
+            await asyncio.sleep(RETRY_PAUSE_S)
+
+    # -- transactions -------------------------------------------------------------------
+    def begin_transaction(self, tid: str) -> Pending[tuple[int, int]]:
+        return self._call(self._begin(tid))
+
+    async def _kv_bucket(self) -> str:
+        return f"KV_{self.options.namespace}{TXN_BUCKET_SUFFIX}"
+
+    async def _ensure_txn_bucket(self) -> str:
+        stream = await self._kv_bucket()
+        name = stream[3:]
+        try:
+            await self._api(f"STREAM.INFO.{stream}")
+        except JetStreamError as exc:
+            if exc.err_code != ERR_STREAM_NOT_FOUND:
+                raise
+            replicas = self._replicas if self._replicas is not None else 1
+            config = {
+                "name": stream,
+                "subjects": [f"$KV.{name}.>"],
+                "max_msgs_per_subject": 1,
+                "storage": "file",
+                "num_replicas": replicas,
+                "discard": "new",
+                "allow_direct": True,
+                "allow_rollup_hdrs": True,
+                "deny_delete": True,
+            }
+            try:
+                await self._api(f"STREAM.CREATE.{stream}", config)
+            except JetStreamError as exc2:
+                if exc2.err_code != ERR_STREAM_NAME_IN_USE:
+                    raise
+        return name
+
+    async def _begin(self, tid: str) -> tuple[int, int]:
+        """A new holder of ``tid``: its KV entry's next revision fences every earlier one."""
+        _check_id("a transactional id", tid)
+        name = await self._ensure_txn_bucket()
+        subj = f"$KV.{name}.{mapping.escape(tid)}"
+        reply = await self.nc.request(subj, str(time.time()).encode(), timeout=API_TIMEOUT_S)
+        answer = json.loads(reply.data)
+        if "error" in answer:
+            err = answer["error"]
+            raise JetStreamError(err.get("code", 0), err.get("err_code", 0), err["description"])
+        revision = int(answer["seq"])
+        self._txn_revisions[tid] = revision
+        return (self.epoch, revision)
+
+    async def _fenced(self, tid: str, revision: int) -> bool:
+        name = (await self._kv_bucket())[3:]
+        reply = await self.nc.request(
+            f"{API}.DIRECT.GET.KV_{name}.$KV.{name}.{mapping.escape(tid)}",
+            b"",
+            timeout=API_TIMEOUT_S,
+        )
+        h = reply.headers or {}
+        if h.get("Status"):
+            return True
+        return int(h.get("Nats-Sequence", "0")) != revision
+
+    def end_transaction(self, tid: str, epoch: tuple[int, int]) -> Pending[None]:
+        return Ready(None)
+
+    def commit_transaction(
+        self,
+        tid: str,
+        epoch: tuple[int, int],
+        started: float,
+        timeout: float,
+        sends: Sequence[tuple[str, list[RecordTuple]]],
+        acks: TxnAcks,
+        keep: bool,
+    ) -> Pending[None]:
+        return self._call(self._commit(tid, epoch, started, timeout, list(sends), acks))
+
+    async def _commit(
+        self,
+        tid: str,
+        epoch: tuple[int, int],
+        started: float,
+        timeout: float,
+        sends: list[tuple[str, list[RecordTuple]]],
+        acks: TxnAcks,
+    ) -> None:
+        """The outputs, each queue's as one atomic batch with ids derived from the inputs
+        (so a redelivered input's transaction repeats them and JetStream stores them
+        once), then the inputs' double acks."""
+        if time.time() - started > timeout:
+            raise TransactionTimedOut(tid, timeout)
+        if await self._fenced(tid, epoch[1]):
+            raise ProducerFenced("transactional id", tid, "a newer holder opened it")
+        _check_id("a transactional id", tid)
+        held = []
+        for member_id, _ep, receipts in acks:
+            m0 = self._members.get(member_id)
+            if m0 is not None and m0.spec.guarantee is Guarantee.AT_MOST_ONCE:
+                continue  # handed out is processed: nothing to ack
+            for off, attempt in dict.fromkeys(receipts):
+                m = self._settling(member_id, off, attempt)
+                held.append((m, off, attempt, self._holding(m, off, attempt)))
+        if held:
+            inputs = sorted(f"{m.stream}/{m.consumer}/{off}" for m, off, _a, _h in held)
+            base = "t:" + uuid.uuid5(uuid.NAMESPACE_URL, "|".join(inputs)).hex
+        else:
+            base = f"t:{tid}:{epoch[1]}:{uuid.uuid4().hex}"
+        for qi, (queue, records) in enumerate(sends):
+            spec = await self._load_spec(queue)
+            ids = [self._msg_id(spec, f"{base}:{qi}", i, r[1]) for i, r in enumerate(records)]
+            await self._publish(spec, records, ids)
+        await asyncio.gather(
+            *(self._ack_one(m, off, attempt, h, True) for m, off, attempt, h in held)
+        )
+
+    # -- consuming ----------------------------------------------------------------------
+    def join(self, queue: str, group: str, latest: bool) -> Pending[int]:
+        return self._call(self._join(queue, group, latest))
+
+    async def _join(self, queue: str, group: str, latest: bool) -> int:
+        if group != DLQ_GROUP:
+            validate_queue_name(group)
+        spec = await self._load_spec(queue)
+        stream = self._stream(queue)
+        consumer = mapping.consumer_name(group)
+        try:
+            await self._api(f"CONSUMER.INFO.{stream}.{consumer}")
+        except JetStreamError as exc:
+            if exc.err_code != ERR_CONSUMER_NOT_FOUND:
+                raise
+            config = mapping.consumer_config(spec, group, latest=latest)
+            await self._api(
+                f"CONSUMER.CREATE.{stream}.{consumer}", {"stream_name": stream, "config": config}
+            )
+        m = _Member(
+            next(self._member_ids), queue, group, spec, stream, consumer, self.nc.new_inbox()
+        )
+
+        async def arrive(msg: Msg) -> None:
+            self._arrive(m, msg)
+
+        m.sub = await self.nc.subscribe(m.inbox, cb=arrive, pending_msgs_limit=-1)
+        self._members[m.id] = m
+        return m.id
+
+    def _arrive(self, m: _Member, msg: Msg) -> None:
+        status = _status(msg)
+        if status is not None:
+            if status != "100":  # 404 no messages, 408 expired, 409 ...: this pull is over
+                m.pull_left = 0
+                m.no_wait = False
+                m.arrived.set()
+            return
+        m.pull_left -= 1
+        if m.pull_left <= 0:
+            m.no_wait = False
+        m.buffer.append((msg, time.time()))
+        m.arrived.set()
+
+    def leave(self, member: int) -> Pending[None]:
+        return self._call(self._leave(member))
+
+    async def _leave(self, member: int) -> None:
+        m = self._members.pop(member, None)
+        if m is None or m.closed:
+            return
+        m.closed = True
+        m.arrived.set()  # wakes a receive waiting on this member
+        if m.sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await m.sub.unsubscribe()
+        if m.spec.guarantee is Guarantee.AT_MOST_ONCE:
+            return
+        # what this consumer holds goes back now rather than at its lease's end
+        pending = [h.msg for h in m.held.values()] + [msg for msg, _t in m.buffer]
+        m.held.clear()
+        m.buffer.clear()
+        for msg in pending:
+            with contextlib.suppress(nats.errors.Error, OSError):
+                await msg.nak()
+
+    def member_stats(self, member: int) -> Pending[ConsumerStats]:
+        m = self._members.get(member)
+        if m is None:
+            raise UsageError(f"no consumer {member} on this connection")
+        return Ready(
+            ConsumerStats(
+                m.queue, m.group, m.id, m.received, m.acked, m.nacked, m.rejected, len(m.held)
+            )
+        )
+
+    def _member(self, member: int, epoch: int) -> _Member:
+        m = self._members.get(member)
+        if m is None or m.closed:
+            raise ClosedError("the consumer")
+        return m
+
+    def _settling(self, member: int, off: int, attempt: int) -> _Member:
+        """The member a delivery is settled through, as the engine checks it."""
+        if self.closed:
+            raise ClosedError("the broker")
+        m = self._members.get(member)
+        if m is None or m.closed:
+            raise LeaseExpired(
+                "?" if m is None else m.queue,
+                off,
+                attempt,
+                "the consumer was closed since this delivery",
+            )
+        if m.spec.guarantee is Guarantee.AT_MOST_ONCE:
+            raise NotSupported(
+                f"queue {m.queue!r} is at-most-once: a message counts as processed "
+                f"when it is handed out, so it cannot be nacked, rejected or extended"
+            )
+        return m
+
+    def receive(self, member: int, limit: int, timeout: float | None) -> Pending[list[Delivery]]:
+        return self._call(self._receive(member, limit, timeout))
+
+    async def _receive(self, member: int, limit: int, timeout: float | None) -> list[Delivery]:
+        """Deliveries from this member's buffer, pulling more as needed. First a no_wait
+        pull for up to ``limit`` (the server answers at once with what it has); if that
+        brings nothing, a waiting pull for one message, so that no pull is left open to
+        take messages after this receive returned (they would sit here, leased, while
+        other consumers wait)."""
+        m = self._member(member, self.epoch)
+        end = None if timeout is None else time.monotonic() + timeout
+        asked = False
+        while True:
+            got = await self._take(m, limit)
+            if got or m.closed:
+                return got
+            now = time.monotonic()
+            if m.pull_left <= 0 or now >= m.pull_until:
+                if not asked:
+                    await self._pull(m, limit, 0.0)
+                    asked = True
+                elif end is not None and now >= end:
+                    return []
+                else:
+                    await self._pull(m, 1, None if end is None else end - now)
+            elif end is not None and now >= end and not m.no_wait:
+                return []  # a pull is out already: what is there is on its way to us
+            m.arrived.clear()
+            if m.buffer:
+                continue
+            until = m.pull_until if end is None or m.no_wait else min(end, m.pull_until)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(m.arrived.wait(), max(0.0, until - now) + 0.001)
+
+    async def _pull(self, m: _Member, limit: int, left: float | None) -> None:
+        request: dict[str, Any] = {"batch": limit}
+        if left is not None and left <= 0:
+            request["no_wait"] = True
+            expires = 0.0
+        else:
+            expires = PULL_EXPIRES_S if left is None else min(PULL_EXPIRES_S, max(left, 0.001))
+            request["expires"] = int(expires * 1e9)
+        m.pull_left = limit
+        m.no_wait = expires == 0.0
+        m.pull_until = time.monotonic() + expires + 1.0
+        try:
+            await self.nc.publish(
+                f"{API}.CONSUMER.MSG.NEXT.{m.stream}.{m.consumer}",
+                json.dumps(request).encode(),
+                reply=m.inbox,
+            )
+        except nats.errors.ConnectionClosedError as exc:
+            raise self._lost(exc) from exc
+
+    async def _take(self, m: _Member, limit: int) -> list[Delivery]:
+        out: list[Delivery] = []
+        while m.buffer and len(out) < limit:
+            msg, arrived = m.buffer.popleft()
+            d = await self._deliver(m, msg, arrived)
+            if d is not None:
+                out.append(d)
+        return out
+
+    async def _deliver(self, m: _Member, msg: Msg, arrived: float) -> Delivery | None:
+        delivered, seq, ts = _meta(msg.reply)
+        off = seq - 1
+        mid, key, headers = mapping.decode_headers(msg.headers)
+        spec = m.spec
+        if headers is not None and headers.get(H_REPLAY_GROUP, m.group) != m.group:
+            # a replay for another group
+            if spec.guarantee is not Guarantee.AT_MOST_ONCE:
+                await msg.ack()
+            return None
+        record: RecordTuple = (ts, mid, key, headers, msg.data)
+        if spec.guarantee is Guarantee.AT_MOST_ONCE:
+            m.received += 1
+            return (off, delivered, 0.0, record)
+        failures = delivered - 1
+        if spec.max_deliveries is not None and failures >= spec.max_deliveries:
+            # its leases ran out (or its consumers crashed) as often as the budget allows
+            await self._dead_letter(
+                m,
+                msg,
+                off,
+                record,
+                delivered,
+                failures,
+                f"failed {failures} of max_deliveries={spec.max_deliveries} attempts",
+                "lease expired",
+            )
+            return None
+        deadline = arrived + spec.ack_timeout
+        m.held[(off, delivered)] = _Held(msg, deadline, failures)
+        m.received += 1
+        return (off, delivered, deadline, record)
+
+    def _holding(self, m: _Member, off: int, attempt: int) -> _Held:
+        h = m.held.get((off, attempt))
+        if h is None:
+            raise AlreadySettled(m.queue, off, attempt)
+        if time.time() > h.deadline:
+            m.held.pop((off, attempt), None)
+            raise LeaseExpired(m.queue, off, attempt, "its lease ran out; it will be redelivered")
+        return h
+
+    def ack(self, member: int, epoch: int, receipts: Sequence[tuple[int, int]]) -> Pending[None]:
+        m = self._members.get(member)
+        if (m is not None and m.spec.guarantee is Guarantee.AT_MOST_ONCE) or not receipts:
+            return Ready(None)
+        m = self._settling(member, *receipts[0])
+        receipts = list(dict.fromkeys(receipts))
+        held = [(off, attempt, self._holding(m, off, attempt)) for off, attempt in receipts]
+        for off, attempt, _h in held:
+            m.held.pop((off, attempt), None)
+        confirm = m.spec.guarantee is Guarantee.EXACTLY_ONCE
+        return self._call(self._ack_all(m, held, confirm))
+
+    async def _ack_all(self, m: _Member, held: list[tuple[int, int, _Held]], confirm: bool) -> None:
+        await asyncio.gather(
+            *(self._ack_one(m, off, attempt, h, confirm) for off, attempt, h in held)
+        )
+
+    async def _ack_one(self, m: _Member, off: int, attempt: int, h: _Held, confirm: bool) -> None:
+        m.held.pop((off, attempt), None)
+        if h.keepalive is not None:
+            h.keepalive.cancel()
+        try:
+            if confirm:  # a double ack: returns once the server has recorded it
+                await h.msg.ack_sync(timeout=API_TIMEOUT_S)
+            else:
+                await h.msg.ack()
+        except nats.errors.TimeoutError as exc:
+            raise BrokerUnreachable(
+                f"JetStream did not confirm the ack of {m.queue}@{off}; it may be delivered again"
+            ) from exc
+        except nats.errors.ConnectionClosedError as exc:
+            raise self._lost(exc) from exc
+        m.acked += 1
+
+    def nack(
+        self,
+        member: int,
+        epoch: int,
+        off: int,
+        attempt: int,
+        delay: float | None,
+        error: str | None,
+    ) -> Pending[bool]:
+        m = self._settling(member, off, attempt)
+        h = self._holding(m, off, attempt)
+        m.held.pop((off, attempt), None)
+        m.nacked += 1
+        return self._call(self._nack(m, off, attempt, h, delay, error))
+
+    async def _nack(
+        self, m: _Member, off: int, attempt: int, h: _Held, delay: float | None, error: str | None
+    ) -> bool:
+        if h.keepalive is not None:
+            h.keepalive.cancel()
+        failures = h.failures_before + 1
+        decision = decide_retry(failures, m.spec.max_deliveries, m.spec.backoff, self._rng, delay)
+        if isinstance(decision, DeadLetter):
+            _d, _seq, ts = _meta(h.msg.reply)
+            mid, key, headers = mapping.decode_headers(h.msg.headers)
+            await self._dead_letter(
+                m,
+                h.msg,
+                off,
+                (ts, mid, key, headers, h.msg.data),
+                attempt,
+                failures,
+                decision.reason,
+                error or "nacked",
+            )
+            return True
+        try:
+            await h.msg.nak(delay=decision.delay_s if decision.delay_s > 0 else None)
+        except nats.errors.ConnectionClosedError as exc:
+            raise self._lost(exc) from exc
+        return False
+
+    def reject(self, member: int, epoch: int, off: int, attempt: int, reason: str) -> Pending[None]:
+        m = self._settling(member, off, attempt)
+        if m.spec.dead_letter is None:
+            raise NotSupported(
+                f"queue {m.queue!r} has no dead-letter queue, so a message cannot be "
+                f"rejected; nack it to retry, or ack it to drop it deliberately"
+            )
+        h = self._holding(m, off, attempt)
+        m.held.pop((off, attempt), None)
+        m.rejected += 1
+        return self._call(self._reject(m, off, attempt, h, reason))
+
+    async def _reject(self, m: _Member, off: int, attempt: int, h: _Held, reason: str) -> None:
+        if h.keepalive is not None:
+            h.keepalive.cancel()
+        _d, _seq, ts = _meta(h.msg.reply)
+        mid, key, headers = mapping.decode_headers(h.msg.headers)
+        await self._dead_letter(
+            m,
+            h.msg,
+            off,
+            (ts, mid, key, headers, h.msg.data),
+            attempt,
+            h.failures_before + 1,
+            f"rejected: {reason}",
+            reason,
+        )
+
+    async def _dead_letter(
+        self,
+        m: _Member,
+        msg: Msg,
+        off: int,
+        record: RecordTuple,
+        attempts: int,
+        failures: int,
+        reason: str,
+        error: str | None,
+    ) -> None:
+        """Publish the message to the dead-letter stream with its provenance, then ack it.
+        The dead letter's id is derived from where it failed, so a repeat (a crash between
+        the two steps) is stored once."""
+        dlq = m.spec.dead_letter
+        if dlq is None:
+            raise NotSupported(f"queue {m.queue!r} has no dead-letter queue")
+        spec = await self._load_spec(dlq)
+        _ts, mid, key, headers, body = record
+        now = time.time()
+        h = dict(headers or {})
+        h.pop(H_REPLAY_GROUP, None)
+        h.update(
+            {
+                H_ORIGIN_QUEUE: m.queue,
+                H_ORIGIN_GROUP: m.group,
+                H_ORIGIN_OFFSET: str(off),
+                H_ATTEMPTS: str(attempts),
+                H_FAILURES: str(failures),
+                H_REASON: reason,
+                H_DEAD_AT: repr(now),
+                H_LAST_FAILURE: repr(now),
+            }
+        )
+        if error is not None:
+            h[H_LAST_ERROR] = error[:2000].replace("\r", " ").replace("\n", " ")
+        if mid is None:
+            mid = f"{m.queue}:{off}"
+        letter_id = f"d:{m.stream}:{m.consumer}:{off}:{h.get(H_REPLAYS, '0')}"
+        await self._publish(spec, [(now, mid, key, h, body)], [letter_id])
+        # if this ack is lost, the message comes again and is dead-lettered again under
+        # the same letter id: stored once
+        with contextlib.suppress(nats.errors.TimeoutError):
+            await msg.ack_sync(timeout=API_TIMEOUT_S)
+
+    def extend(
+        self, member: int, epoch: int, off: int, attempt: int, seconds: float | None
+    ) -> Pending[float]:
+        m = self._settling(member, off, attempt)
+        h = self._holding(m, off, attempt)
+        want = m.spec.ack_timeout if seconds is None else seconds
+        h.deadline = time.time() + want
+        return self._call(self._extend(m, h))
+
+    async def _extend(self, m: _Member, h: _Held) -> float:
+        """Tell JetStream the work is in progress (which restarts its ack wait); for a
+        lease longer than the ack wait, again before each one ends."""
+        if h.keepalive is not None:
+            h.keepalive.cancel()
+            h.keepalive = None
+        try:
+            await h.msg.in_progress()
+        except nats.errors.ConnectionClosedError as exc:
+            raise self._lost(exc) from exc
+        left = h.deadline - time.time()
+        step = m.spec.ack_timeout / 2
+        if left > m.spec.ack_timeout:
+            h.keepalive = self._loop.call_later(
+                step, lambda: self._loop.create_task(self._extend(m, h))
+            )
+        return h.deadline
+
+    def release(self, member: int, epoch: int, off: int, attempt: int) -> Pending[None]:
+        m = self._settling(member, off, attempt)
+        h = self._holding(m, off, attempt)
+        m.held.pop((off, attempt), None)
+        return self._call(self._release(h))
+
+    async def _release(self, h: _Held) -> None:
+        if h.keepalive is not None:
+            h.keepalive.cancel()
+        with contextlib.suppress(nats.errors.Error):
+            await h.msg.nak()
+
+    def is_leased(self, member: int, epoch: int, off: int, attempt: int, deadline: float) -> bool:
+        m = self._members.get(member)
+        if m is None or m.closed:
+            return False
+        if m.spec.guarantee is Guarantee.AT_MOST_ONCE:
+            return True
+        h = m.held.get((off, attempt))
+        return h is not None and time.time() <= h.deadline
+
+    # -- dead letters -------------------------------------------------------------------
+    async def _dlq_of(self, queue: str) -> QueueSpec:
+        spec = await self._load_spec(queue)
+        if spec.dead_letter is None:
+            raise NotSupported(f"queue {queue!r} has no dead-letter queue")
+        return await self._load_spec(spec.dead_letter)
+
+    async def _letters(self, queue: str) -> list[DeadMessage]:
+        dlq = await self._dlq_of(queue)
+        stream = self._stream(dlq.name)
+        out = []
+        start = 1
+        while True:
+            got = await self._read(stream, start, 256)
+            for seq, _ts, raw, body in got:
+                mid, key, headers = mapping.decode_headers(raw)
+                out.append(_dead_message(seq - 1, mid, key, headers or {}, body))
+            if len(got) < 256:
+                return out
+            start = got[-1][0] + 1
+
+    def dead_letters(self, queue: str, limit: int | None) -> Pending[list[DeadMessage]]:
+        return self._call(self._dead_letters(queue, limit))
+
+    async def _dead_letters(self, queue: str, limit: int | None) -> list[DeadMessage]:
+        letters = await self._letters(queue)
+        return letters if limit is None else letters[:limit]
+
+    def replay_dead_letters(
+        self, queue: str, where: Where, limit: int | None, dry_run: bool, max_replays: int | None
+    ) -> Pending[tuple[list[DeadMessage], list[DeadMessage]]]:
+        return self._call(self._replay(queue, where, limit, dry_run, max_replays))
+
+    async def _replay(
+        self, queue: str, where: Where, limit: int | None, dry_run: bool, max_replays: int | None
+    ) -> tuple[list[DeadMessage], list[DeadMessage]]:
+        origin = await self._load_spec(queue)
+        dlq = await self._dlq_of(queue)
+        chosen: list[DeadMessage] = []
+        held: list[DeadMessage] = []
+        for d in await self._letters(queue):
+            if where is not None and not where(d):
+                continue
+            if max_replays is not None and d.replays >= max_replays:
+                held.append(d)
+                continue
+            if limit is not None and len(chosen) >= limit:
+                continue
+            chosen.append(d)
+        if dry_run:
+            return chosen, held
+        dstream = self._stream(dlq.name)
+        for d in chosen:
+            h = {k: v for k, v in d.headers.items() if not k.startswith("arrival-origin-")}
+            for name in (
+                H_ATTEMPTS,
+                H_FAILURES,
+                H_REASON,
+                H_DEAD_AT,
+                H_LAST_ERROR,
+                H_LAST_FAILURE,
+                H_QUARANTINED,
+            ):
+                h.pop(name, None)
+            h[H_REPLAYS] = str(d.replays + 1)
+            if d.origin_group:
+                h[H_REPLAY_GROUP] = d.origin_group
+            await self._publish(
+                origin, [(time.time(), d.id, d.key, h, d.body)], [f"r:{dstream}:{d.offset}"]
+            )
+            await self._delete(dstream, d.offset)
+        marked = []
+        for d in held:
+            if d.quarantined:
+                marked.append(d)
+                continue
+            # the loop guard: re-filed at the end of the DLQ with the mark (stored
+            # messages are never rewritten)
+            h = dict(d.headers)
+            h[H_QUARANTINED] = repr(time.time())
+            off = await self._publish(
+                dlq, [(time.time(), d.id, d.key, h, d.body)], [f"q:{dstream}:{d.offset}"]
+            )
+            await self._delete(dstream, d.offset)
+            marked.append(dataclasses.replace(d, offset=off, headers=h, quarantined=True))
+        return chosen, marked
+
+    async def _delete(self, stream: str, offset: int) -> None:
+        try:
+            await self._api(f"STREAM.MSG.DELETE.{stream}", {"seq": offset + 1, "no_erase": True})
+        except JetStreamError as exc:
+            if exc.err_code != ERR_MSG_NOT_FOUND:
+                raise
+
+    def purge_dead_letters(self, queue: str, where: Where) -> Pending[int]:
+        return self._call(self._purge(queue, where))
+
+    async def _purge(self, queue: str, where: Where) -> int:
+        dlq = await self._dlq_of(queue)
+        stream = self._stream(dlq.name)
+        n = 0
+        for d in await self._letters(queue):
+            if where is None or where(d):
+                await self._delete(stream, d.offset)
+                n += 1
+        return n
+
+    # -- closing ------------------------------------------------------------------------
+    def close(self) -> Pending[None]:
+        if self._closed:
+            return Ready(None)
+        fut: Future[None] = Future()
+
+        def closing() -> None:
+            # best effort: the loop ends anyway
+            with contextlib.suppress(Exception):
+                self._call(self._close()).wait(timeout=15)
+            self._closed = True
+            self._stop_loop()
+            fut.set_result(None)
+
+        threading.Thread(target=closing, name="arrival-nats-close", daemon=True).start()
+        return fut
+
+    async def _close(self) -> None:
+        for member in list(self._members):
+            with contextlib.suppress(Exception):
+                await self._leave(member)
+        if self._nc is not None and not self._nc.is_closed:
+            with contextlib.suppress(Exception):
+                await self._nc.flush(timeout=5)
+            await self._nc.close()
+
+    def abandon(self) -> None:
+        """Drop the connection as a crash would: nothing held is given back, nothing
+        buffered is sent (for tests of what survives a client's crash)."""
+        self._closed = True
+
+        async def drop() -> None:
+            if self._nc is not None:
+                transport = getattr(self._nc, "_transport", None)
+                if transport is not None:
+                    with contextlib.suppress(Exception):
+                        transport.close()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._nc.close(), 2)
+
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(drop(), self._loop).result(5)
+        self._stop_loop()
+
+
+def _read_varz(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(url.rstrip("/") + "/varz", timeout=5) as r:  # noqa: S310
+        data: dict[str, Any] = json.loads(r.read())
+        return data
+
+
+def _timestamp(text: str | None) -> float:
+    """Seconds since the epoch of a stored message's ``Nats-Time-Stamp`` (RFC 3339 with
+    nanoseconds, which ``datetime`` does not parse)."""
+    if not text:
+        return 0.0
+    from datetime import datetime
+
+    text = text.strip().replace(" ", "T", 1).removesuffix("Z")
+    whole, _, frac = text.partition(".")
+    frac = "".join(itertools.takewhile(str.isdigit, frac))
+    base = datetime.fromisoformat(whole + "+00:00").timestamp()
+    return base + (float("0." + frac) if frac else 0.0)
+
+
+def _meta(reply: str | None) -> tuple[int, int, float]:
+    """(times delivered, stream sequence, timestamp) of a delivery's ack subject."""
+    if not reply:
+        raise ArrivalError("a JetStream delivery without an ack subject")
+    t = reply.split(".")
+    if len(t) == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
+        return int(t[4]), int(t[5]), int(t[7]) / 1e9
+    # $JS.ACK.<domain>.<account>.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>...
+    return int(t[6]), int(t[7]), int(t[9]) / 1e9
+
+
+def _dead_message(
+    seq: int, mid: str | None, key: str | None, h: dict[str, str], body: bytes
+) -> DeadMessage:
+    def num(name: str) -> float | None:
+        v = h.get(name)
+        return float(v) if v is not None else None
+
+    replays = h.get(H_REPLAYS, "0")
+    return DeadMessage(
+        offset=seq,
+        id=mid,
+        key=key,
+        body=body,
+        headers={k: v for k, v in h.items() if k != H_REPLAY_GROUP},
+        origin_queue=h.get(H_ORIGIN_QUEUE),
+        origin_group=h.get(H_ORIGIN_GROUP),
+        attempts=int(h.get(H_ATTEMPTS, "0")),
+        reason=h.get(H_REASON),
+        last_error=h.get(H_LAST_ERROR),
+        first_failure=num("arrival-first-failure"),
+        last_failure=num(H_LAST_FAILURE),
+        replays=int(replays) if replays.isdecimal() else 0,
+        quarantined=H_QUARANTINED in h,
+    )
+
+
+def _jetstream_mechanism(
+    spec: QueueSpec, config: dict[str, Any], fsync: str | None, options: NatsOptions
+) -> tuple[str, ...]:
+    replicas = int(config.get("num_replicas", 1))
+    out: tuple[str, ...]
+    if spec.guarantee is Guarantee.AT_MOST_ONCE:
+        out = (
+            "a JetStream stream in memory (R1); send never waits for fsync or for an "
+            "acknowledgement, and is never repeated",
+            "a pull consumer with AckNone per group: a message counts as processed when "
+            "the server hands it out",
+        )
+        if spec.capacity is not None:
+            out += (
+                f"bounded at {spec.capacity} messages for all groups together, dropping "
+                f"the {spec.drop} on overflow",
+            )
+        if spec.conflate:
+            out += ("conflated by key: one subject per key, at most one message per subject",)
+        return out
+    if fsync == "always":
+        durable = "every server fsyncs before it acknowledges (sync_interval: always, checked)"
+    elif options.fsync == "trust":
+        durable = "the servers are trusted to fsync before acknowledging (?fsync=trust)"
+    else:
+        durable = "the servers' fsync policy is not known"
+    quorum = (
+        f"replicated to {replicas} servers by Raft: a send is acknowledged once a majority "
+        f"({replicas // 2 + 1}) stored it"
+        if replicas > 1
+        else "one replica (a single server): its disk holds the only copy"
+    )
+    budget = (
+        f"after {spec.max_deliveries} failed attempts (nack or lease expiry) or a reject, "
+        f"the message moves to {spec.dead_letter!r} with its provenance: arrival keeps the "
+        f"budget (JetStream's MaxDeliver is unlimited) and publishes the dead letter, then "
+        f"acks the message"
+        if spec.max_deliveries is not None
+        else "failed messages are retried without limit"
+        + (f"; reject moves them to {spec.dead_letter!r}" if spec.dead_letter else "")
+    )
+    out = (
+        f"a JetStream stream on file storage; {quorum}; {durable}",
+        "send returns after the stream's PubAck; each message carries a Nats-Msg-Id, so a "
+        "retried send is stored once within the duplicate window; sends of several "
+        "messages are one atomic batch (nats-server 2.12+)",
+        f"lease of {spec.ack_timeout:g} s per delivery (a durable pull consumer per group, "
+        f"AckExplicit); extend() holds it longer; expiry or nack make it available again, "
+        f"and so does a lost consumer, once its lease ends",
+        f"redelivery backoff: exponential from {spec.backoff.initial_s:g} s, x"
+        f"{spec.backoff.multiplier:g}, capped at {spec.backoff.max_s:g} s (a NAK with a "
+        f"delay after a nack; JetStream's BackOff, at the mean jitter, after an expiry)",
+        budget,
+        "per-key order is NOT kept: JetStream has no per-key lease, so a group may have two "
+        "messages of one key in flight",
+        "a release (shutdown, disconnect) spends a delivery of the budget: JetStream counts it",
+    )
+    if spec.guarantee is Guarantee.EXACTLY_ONCE:
+        out += (
+            "acks are confirmed commits: double acks, ack() returns after the server recorded it",
+            "transactions: each queue's outputs are one atomic batch with ids derived from "
+            "the messages the transaction acks, then the acks; a redelivered message's "
+            "transaction repeats the same ids and JetStream stores them once",
+        )
+    return out
+
+
+def _jetstream_limits(spec: QueueSpec, config: dict[str, Any]) -> dict[str, str]:
+    if spec.guarantee is Guarantee.AT_MOST_ONCE:
+        return {"capacity_scope": "the whole stream, not each group"}
+    window = int(config.get("duplicate_window", 0)) / 1e9
+    out = {
+        "producer_state": (
+            "none kept: a producer's retries are deduplicated by Nats-Msg-Id within the "
+            "duplicate window, and a producer id is not fenced"
+        ),
+        "duplicate_window": (
+            f"{window:g} s: a send retried, or a transaction repeated, after this long is "
+            f"stored again; the servers keep every id of the window in memory"
+        ),
+        "per_key_order": (
+            "not kept: JetStream has no per-key lease, so a group may have two messages of "
+            "one key in flight"
+        ),
+        "releases": "a released delivery counts toward max_deliveries (JetStream counts it)",
+        "retention": "kept until deleted: JetStream does not delete acked messages here",
+    }
+    if spec.guarantee is Guarantee.EXACTLY_ONCE:
+        out["transactions"] = (
+            "atomic per queue; outputs to several queues are published one queue after "
+            "another, and a crash between them is completed by the redelivery; at most 1000 "
+            "messages per queue per transaction are atomic"
+        )
+    return out
