@@ -247,3 +247,111 @@ def postgres() -> Iterator[object]:
         yield server
     finally:
         server.stop()
+
+
+# -- the contract suite on JetStream -------------------------------------------------------
+# Tests of the shared suite that cannot pass on the "nats" store, each with its reason.
+# "harness": the test reaches into arrival's own engine or storage (its clock, its fsync
+# counter, its failure injection), which JetStream replaces: the behaviour it checks is
+# checked for JetStream in tests/test_jetstream.py where it applies. "gap": JetStream
+# cannot hold what the test checks; docs/cluster.md and describe() state each one.
+_ENGINE = "harness: inspects or breaks arrival's embedded engine, which JetStream replaces"
+_CLOCK = "harness: compares with the fake clock; JetStream stamps with the servers' clock"
+_KEY_ORDER = (
+    "gap: per-key order is not kept on JetStream (no per-key lease: two messages of one "
+    "key can be in flight in a group)"
+)
+_RELEASE = "gap: a release spends a delivery on JetStream (it counts every delivery)"
+_CRASH = (
+    "gap: after a consumer's crash JetStream redelivers when the lease (ack wait) ends, "
+    "not at once as the test expects"
+)
+_FENCE = (
+    "gap: producer ids are not fenced or sequenced on JetStream; retries are deduplicated "
+    "by Nats-Msg-Id within the duplicate window"
+)
+_AMO_LATE = (
+    "gap: an at-most-once send is fire-and-forget on JetStream: a receive right after it "
+    "may not see it yet"
+)
+_AMO_STATS = "gap: JetStream does not count per-group drops, and capacity is per stream"
+_STATS = "gap: stats come from JetStream's consumer info, whose counters differ"
+NATS_GAPS: dict[str, str] = {
+    "test_send_returns_consecutive_offsets_and_message_fields": _ENGINE,
+    "test_concurrent_sends_from_threads_all_land": _ENGINE,
+    "test_concurrent_sends_all_land": _ENGINE,
+    "test_send_awaits_durability": _ENGINE,
+    "test_the_essays_hybrid_system_sends_each_type_to_its_guarantee": _ENGINE,
+    "test_a_commit_queued_behind_a_failing_write_fails_too": _ENGINE,
+    "test_no_transaction_commits_after_a_storage_failure": _ENGINE,
+    "test_storage_failure_during_commit_is_all_or_nothing": _ENGINE,
+    "test_a_transaction_begun_before_a_restart_is_fenced": _ENGINE,
+    "test_producer_fence_survives_a_crash": _ENGINE,
+    "test_all_repeat_send_keeps_its_sequence_across_a_crash": _ENGINE,
+    "test_a_retried_batch_returns_its_first_offset": _ENGINE,
+    "test_a_retry_returns_the_original_offset_and_stores_nothing": _ENGINE,
+    "test_sequence_errors_store_nothing": _ENGINE,
+    "test_an_unregistered_producer_is_refused": _ENGINE,
+    "test_a_fenced_producer_cannot_even_retry": _ENGINE,
+    "test_producer_state_survives_a_crash": _ENGINE,
+    "test_a_send_that_crashed_before_its_commit_is_not_remembered": _ENGINE,
+    "test_a_registration_that_cannot_be_stored_is_refused": _ENGINE,
+    "test_ids_of_a_send_lost_in_a_crash_are_not_remembered": _ENGINE,
+    "test_an_exactly_once_ack_waits_for_its_commit": _ENGINE,
+    "test_an_id_expires_only_after_the_window_and_the_deletion": _ENGINE,
+    "test_an_expired_id_stays_forgotten_after_a_restart": _ENGINE,
+    "test_engine_acks_return_a_ticket_only_on_exactly_once_queues": _ENGINE,
+    "test_the_default_producer_horizon_is_a_week": _ENGINE,
+    "test_a_send_whose_acknowledgement_was_lost_is_deduplicated_after_restart": _ENGINE,
+    "test_a_transaction_with_a_message_that_cannot_be_encoded_stores_nothing": _ENGINE,
+    "test_ack_after_lease_expired_raises": _CLOCK,
+    "test_max_deliveries_moves_message_to_dlq_with_provenance": _CLOCK,
+    "test_a_letter_replayed_max_replays_times_is_quarantined": _CLOCK,
+    "test_per_key_one_in_flight_and_send_order": _KEY_ORDER,
+    "test_nacked_head_blocks_its_key_only": _KEY_ORDER,
+    "test_dead_lettered_head_unblocks_its_key": _KEY_ORDER,
+    "test_retry_state_survives_reopen": _KEY_ORDER,
+    "test_release_does_not_spend_an_attempt": _RELEASE,
+    "test_consumer_close_releases_without_spending_attempts": _RELEASE,
+    "test_crash_with_unacked_messages_redelivers_them": _CRASH,
+    "test_lost_ack_redelivers_and_effect_happens_once": _CRASH,
+    "test_an_exactly_once_ack_is_durable_when_it_returns": _CRASH,
+    "test_a_fenced_loop_gives_back_what_it_received_for_later_transactions": _CRASH,
+    "test_opening_a_producer_id_again_fences_the_first_holder": _FENCE,
+    "test_a_producer_behind_the_brokers_sequence_opens_a_new_epoch": _FENCE,
+    "test_replayed_dead_letters_are_not_swallowed_by_dedup": (
+        "gap: a retry after a replay is deduplicated against the original message id, so "
+        "it answers with the original's offset, not the replayed copy's"
+    ),
+    "test_send_returns_none_and_is_visible_at_once": _AMO_LATE,
+    "test_late_group_gets_retained_messages": _AMO_LATE,
+    "test_nothing_is_redelivered_after_a_restart": _AMO_LATE,
+    "test_at_most_once_outputs_are_handed_out_only_after_the_commit_is_durable": _AMO_LATE,
+    "test_at_most_once_outputs_are_receivable_when_commit_returns": _AMO_LATE,
+    "test_capacity_drop_newest_keeps_oldest": _AMO_STATS,
+    "test_capacity_drop_oldest_keeps_newest": _AMO_STATS,
+    "test_capacity_without_any_group_counts_drops": _AMO_STATS,
+    "test_at_most_once": _AMO_STATS,
+    "test_stats_counters": _STATS,
+    "test_a_failing_message_is_retried_and_the_rest_of_the_batch_commits": _STATS,
+    "test_the_quarantined_copy_is_not_delivered_again_to_groups_of_the_dlq": (
+        "gap: a quarantined letter is re-filed as a new message of the DLQ stream, which "
+        "groups consuming the DLQ receive"
+    ),
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the suite's tests that cannot pass on JetStream with their reason: a gap is
+    an expected failure (run, and reported if it passes), a harness limit a skip."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is None or callspec.params.get("stores") != "nats":
+            continue
+        reason = NATS_GAPS.get(getattr(item, "originalname", item.name))
+        if reason is None:
+            continue
+        if reason.startswith("harness"):
+            item.add_marker(pytest.mark.skip(reason=reason))
+        else:
+            item.add_marker(pytest.mark.xfail(reason=reason, strict=False))

@@ -98,7 +98,7 @@ class BenchUsageError(ValueError):
 
 
 def _is_remote(url: str | None) -> bool:
-    return url is not None and url.startswith(("arrival://", "arrivals://"))
+    return url is not None and url.startswith(("arrival://", "arrivals://", "nats://"))
 
 
 @dataclass(frozen=True, slots=True)

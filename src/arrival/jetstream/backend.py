@@ -51,6 +51,7 @@ from arrival.engine import (
     H_ATTEMPTS,
     H_DEAD_AT,
     H_FAILURES,
+    H_FIRST_FAILURE,
     H_LAST_ERROR,
     H_LAST_FAILURE,
     H_ORIGIN_GROUP,
@@ -155,6 +156,12 @@ def parse_nats_url(url: str) -> NatsOptions:
         if "://" not in part:
             part = "nats://" + part
         parts = urlsplit(part)
+        try:
+            _port = parts.port
+        except ValueError:
+            raise UsageError(
+                f"bad port in NATS server URL {part!r}; use nats://host:4222"
+            ) from None
         if parts.scheme not in ("nats", "tls") or not parts.hostname:
             raise UsageError(f"not a NATS server URL: {part!r}; use nats://host:4222")
         servers.append(part)
@@ -207,8 +214,10 @@ def _version(text: str) -> tuple[int, ...]:
 
 
 def _status(msg: Msg) -> str | None:
+    """The status of a pull's status message; None for a delivery (which has an ack
+    subject, whatever its headers and body)."""
     h = msg.headers
-    if not h or msg.data:
+    if not h or msg.data or (msg.reply or "").startswith("$JS.ACK."):
         return None
     return h.get("Status")
 
@@ -260,6 +269,7 @@ class NatsBackend(Backend):
         self._fsync: str | None = None  # "always", "interval Ns", or None: not known
         self._replicas: int | None = self.options.replicas
         self._txn_revisions: dict[str, int] = {}
+        self._txn_gens: dict[str, int] = {}
         self._commits = 0
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run_loop, name="arrival-nats", daemon=True)
@@ -312,7 +322,8 @@ class NatsBackend(Backend):
     # -- connection ---------------------------------------------------------------------
     async def _connect(self) -> None:
         wait = 0.5
-        attempts = max(1, int(self._reconnect / wait)) if self._reconnect > 0 else 0
+        # nats-py reads 0 attempts as "no limit": one attempt is the least there is
+        attempts = max(1, int(self._reconnect / wait))
         try:
             nc = await nats.connect(
                 servers=list(self.options.servers),
@@ -789,7 +800,9 @@ class NatsBackend(Backend):
             h["Nats-Msg-Id"] = msg_id
             msgs.append((mapping.subject(ns, spec.name, key, conflate=spec.conflate), h, body))
         first: int | None = None  # a sequence: offsets are sequences - 1 (they start at 0)
-        atomic = self.server_version >= ATOMIC_VERSION and not spec.dedup
+        # a batch repeating a stored id is refused whole (error 10201), and then sent
+        # message by message, each duplicate answering with its original's sequence
+        atomic = self.server_version >= ATOMIC_VERSION
         for start in range(0, len(msgs), MAX_BATCH):
             chunk = msgs[start : start + MAX_BATCH]
             if atomic and len(chunk) > 1:
@@ -868,7 +881,9 @@ class NatsBackend(Backend):
 
     # -- transactions -------------------------------------------------------------------
     def begin_transaction(self, tid: str) -> Pending[tuple[int, int]]:
-        return self._call(self._begin(tid))
+        # in this process a newer holder fences at once; across processes, the KV entry
+        gen = self._txn_gens[tid] = self._txn_gens.get(tid, 0) + 1
+        return self._call(self._begin(tid, gen))
 
     async def _kv_bucket(self) -> str:
         return f"KV_{self.options.namespace}{TXN_BUCKET_SUFFIX}"
@@ -900,7 +915,7 @@ class NatsBackend(Backend):
                     raise
         return name
 
-    async def _begin(self, tid: str) -> tuple[int, int]:
+    async def _begin(self, tid: str, gen: int) -> tuple[int, int]:
         """A new holder of ``tid``: its KV entry's next revision fences every earlier one."""
         _check_id("a transactional id", tid)
         name = await self._ensure_txn_bucket()
@@ -912,7 +927,7 @@ class NatsBackend(Backend):
             raise JetStreamError(err.get("code", 0), err.get("err_code", 0), err["description"])
         revision = int(answer["seq"])
         self._txn_revisions[tid] = revision
-        return (self.epoch, revision)
+        return (gen, revision)
 
     async def _fenced(self, tid: str, revision: int) -> bool:
         name = (await self._kv_bucket())[3:]
@@ -955,7 +970,7 @@ class NatsBackend(Backend):
         once), then the inputs' double acks."""
         if time.time() - started > timeout:
             raise TransactionTimedOut(tid, timeout)
-        if await self._fenced(tid, epoch[1]):
+        if self._txn_gens.get(tid) != epoch[0] or await self._fenced(tid, epoch[1]):
             raise ProducerFenced("transactional id", tid, "a newer holder opened it")
         _check_id("a transactional id", tid)
         held = []
@@ -1044,6 +1059,9 @@ class NatsBackend(Backend):
         for msg in pending:
             with contextlib.suppress(nats.errors.Error, OSError):
                 await msg.nak()
+        if pending:  # the server has them before this returns: a new consumer finds them
+            with contextlib.suppress(nats.errors.Error, OSError, asyncio.TimeoutError):
+                await self.nc.flush(timeout=int(API_TIMEOUT_S))
 
     def member_stats(self, member: int) -> Pending[ConsumerStats]:
         m = self._members.get(member)
@@ -1165,13 +1183,15 @@ class NatsBackend(Backend):
                 msg,
                 off,
                 record,
-                delivered,
+                failures,  # the delivery that found the budget spent is not an attempt
                 failures,
                 f"failed {failures} of max_deliveries={spec.max_deliveries} attempts",
                 "lease expired",
             )
             return None
         deadline = arrived + spec.ack_timeout
+        for earlier in range(1, delivered):  # this delivery's expired predecessors
+            m.held.pop((off, earlier), None)
         m.held[(off, delivered)] = _Held(msg, deadline, failures)
         m.received += 1
         return (off, delivered, deadline, record)
@@ -1179,10 +1199,11 @@ class NatsBackend(Backend):
     def _holding(self, m: _Member, off: int, attempt: int) -> _Held:
         h = m.held.get((off, attempt))
         if h is None:
+            if any(o == off and a > attempt for o, a in m.held):  # redelivered since
+                raise LeaseExpired(m.queue, off, attempt, "its lease ran out")
             raise AlreadySettled(m.queue, off, attempt)
-        if time.time() > h.deadline:
-            m.held.pop((off, attempt), None)
-            raise LeaseExpired(m.queue, off, attempt, "its lease ran out; it will be redelivered")
+        if time.time() > h.deadline:  # kept until its redelivery arrives: asked again, the same
+            raise LeaseExpired(m.queue, off, attempt, "its lease ran out")
         return h
 
     def ack(self, member: int, epoch: int, receipts: Sequence[tuple[int, int]]) -> Pending[None]:
@@ -1323,6 +1344,8 @@ class NatsBackend(Backend):
                 H_LAST_FAILURE: repr(now),
             }
         )
+        if failures == 1:  # the first failure is this one (earlier ones are not recorded)
+            h[H_FIRST_FAILURE] = repr(now)
         if error is not None:
             h[H_LAST_ERROR] = error[:2000].replace("\r", " ").replace("\n", " ")
         if mid is None:
@@ -1370,8 +1393,9 @@ class NatsBackend(Backend):
     async def _release(self, h: _Held) -> None:
         if h.keepalive is not None:
             h.keepalive.cancel()
-        with contextlib.suppress(nats.errors.Error):
+        with contextlib.suppress(nats.errors.Error, OSError, asyncio.TimeoutError):
             await h.msg.nak()
+            await self.nc.flush(timeout=int(API_TIMEOUT_S))
 
     def is_leased(self, member: int, epoch: int, off: int, attempt: int, deadline: float) -> bool:
         m = self._members.get(member)
@@ -1584,7 +1608,7 @@ def _dead_message(
         attempts=int(h.get(H_ATTEMPTS, "0")),
         reason=h.get(H_REASON),
         last_error=h.get(H_LAST_ERROR),
-        first_failure=num("arrival-first-failure"),
+        first_failure=num(H_FIRST_FAILURE),
         last_failure=num(H_LAST_FAILURE),
         replays=int(replays) if replays.isdecimal() else 0,
         quarantined=H_QUARANTINED in h,
@@ -1663,10 +1687,6 @@ def _jetstream_limits(spec: QueueSpec, config: dict[str, Any]) -> dict[str, str]
         return {"capacity_scope": "the whole stream, not each group"}
     window = int(config.get("duplicate_window", 0)) / 1e9
     out = {
-        "producer_state": (
-            "none kept: a producer's retries are deduplicated by Nats-Msg-Id within the "
-            "duplicate window, and a producer id is not fenced"
-        ),
         "duplicate_window": (
             f"{window:g} s: a send retried, or a transaction repeated, after this long is "
             f"stored again; the servers keep every id of the window in memory"
@@ -1678,6 +1698,11 @@ def _jetstream_limits(spec: QueueSpec, config: dict[str, Any]) -> dict[str, str]
         "releases": "a released delivery counts toward max_deliveries (JetStream counts it)",
         "retention": "kept until deleted: JetStream does not delete acked messages here",
     }
+    if spec.guarantee is Guarantee.EXACTLY_ONCE or spec.dedup:
+        out["producer_state"] = (
+            "none kept: a producer's retries are deduplicated by Nats-Msg-Id within the "
+            "duplicate window, and a producer id is not fenced"
+        )
     if spec.guarantee is Guarantee.EXACTLY_ONCE:
         out["transactions"] = (
             "atomic per queue; outputs to several queues are published one queue after "

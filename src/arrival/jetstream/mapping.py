@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import re
+import uuid
 from typing import Any, Final
 
 from arrival.errors import UsageError
@@ -43,6 +44,7 @@ MAX_ACK_PENDING = 20_000  # deliveries a group may have leased at once
 BACKOFF_STEPS = 8  # redelivery waits spelled out to JetStream; the last one repeats
 HEADER_OVERHEAD = 512  # room for arrival's and JetStream's headers in a stored message
 
+_QUEUE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,199}")
 _ESC = {"-": "_h", ".": "_d", ":": "_c", "_": "_u", "~": "_t"}
 _UNESC = {v[1]: k for k, v in _ESC.items()}
 
@@ -86,9 +88,12 @@ def queue_of_stream(namespace: str, stream: str) -> str | None:
     if not stream.startswith(prefix):
         return None
     try:
-        return unescape(stream[len(prefix) :])
+        queue = unescape(stream[len(prefix) :])
     except (KeyError, StopIteration):
         return None
+    if not _QUEUE_NAME.fullmatch(queue) or stream_name(namespace, queue) != stream:
+        return None
+    return queue
 
 
 def consumer_name(group: str) -> str:
@@ -101,10 +106,10 @@ def subject(namespace: str, queue: str, key: str | None = None, *, conflate: boo
     base = f"{namespace}.q.{escape(queue)}"
     if not conflate:
         return base
-    if key is None:
-        return base + ".n"
+    if key is None:  # keyless messages are not conflated: each gets a subject of its own
+        return f"{base}.n.{uuid.uuid4().hex}"
     token = base64.urlsafe_b64encode(key.encode()).decode().rstrip("=")
-    return f"{base}.k.{token}"
+    return f"{base}.k._{token}"  # "_": the empty key has a token too
 
 
 def backoff_waits(spec: QueueSpec) -> list[float] | None:
@@ -212,6 +217,10 @@ def encode_headers(
                 )
             if "\r" in value or "\n" in value:
                 raise UsageError(f"header {name!r} has a line break, which NATS can't carry")
+            if value != value.strip(" \t"):
+                raise UsageError(
+                    f"header {name!r} starts or ends with blanks, which NATS drops: strip them"
+                )
             out[name] = value
     if mid is not None:
         out[H_ID] = mid
