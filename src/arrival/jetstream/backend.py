@@ -1111,6 +1111,14 @@ class NatsBackend(Backend):
         end = None if timeout is None else time.monotonic() + timeout
         asked = False
         while True:
+            now = time.monotonic()
+            if m.no_wait and m.pull_left > 0 and now < m.pull_until and len(m.buffer) < limit:
+                # the server answers a no_wait pull at once, ending with a status when it
+                # has fewer than asked: take all it has, not the first few to arrive
+                m.arrived.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(m.arrived.wait(), m.pull_until - now)
+                continue
             got = await self._take(m, limit)
             if got or m.closed:
                 return got
