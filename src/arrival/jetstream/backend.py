@@ -116,6 +116,9 @@ PULL_EXPIRES_S = 5.0  # a long poll's pull request, renewed while receive() wait
 ATOMIC_VERSION = (2, 12, 0)
 MIN_VERSION = (2, 10, 0)
 TXN_BUCKET_SUFFIX = "_txn"
+MAX_UNANSWERED = 10_000  # at-most-once sends whose answers are collected (read your writes)
+SETTLE_S = 2.0  # how long a receive waits for them
+GIVE_BACK_S = 0.05  # how long a receive waits for a message this connection just gave back
 
 ERR_STREAM_NOT_FOUND = 10059
 ERR_CONSUMER_NOT_FOUND = 10014
@@ -270,6 +273,8 @@ class NatsBackend(Backend):
         self._replicas: int | None = self.options.replicas
         self._txn_revisions: dict[str, int] = {}
         self._txn_gens: dict[str, int] = {}
+        self._unanswered: set[asyncio.Task[None]] = set()
+        self._gave_back = 0.0  # when this connection last NAKed a message due at once
         self._commits = 0
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run_loop, name="arrival-nats", daemon=True)
@@ -614,6 +619,7 @@ class NatsBackend(Backend):
 
     async def _peek(self, queue: str, limit: int, start: int | None) -> list[StoredMessage]:
         await self._load_spec(queue)
+        await self._settle_sends()
         out = []
         first = 1 if start is None else start + 1
         for seq, ts, raw, body in await self._read(self._stream(queue), first, limit):
@@ -669,6 +675,7 @@ class NatsBackend(Backend):
 
     async def _stats(self, queue: str) -> QueueStats:
         spec = await self._load_spec(queue)
+        await self._settle_sends()
         stream = self._stream(queue)
         info = await self._api(f"STREAM.INFO.{stream}")
         state = info.get("state") or {}
@@ -755,16 +762,33 @@ class NatsBackend(Backend):
             mapping.encode_headers(mid, key, headers)  # refuses what NATS can't carry
 
     def _fire(self, spec: QueueSpec, messages: list[Send]) -> None:
-        """At-most-once: published without waiting for anything, never repeated."""
+        """At-most-once: published without the caller waiting, never repeated. The
+        stream's answers are collected here, so that this connection's own receives,
+        stats and peeks see its earlier sends (``_settle_sends``)."""
         ns = self.options.namespace
         for mid, key, headers, body in messages:
             subj = mapping.subject(ns, spec.name, key, conflate=spec.conflate)
             h = mapping.encode_headers(mid, key, headers)
-            self._loop.create_task(self._publish_quietly(subj, body, h))
+            if len(self._unanswered) < MAX_UNANSWERED:
+                task = self._loop.create_task(self._publish_quietly(subj, body, h, True))
+                self._unanswered.add(task)
+                task.add_done_callback(self._unanswered.discard)
+            else:  # a burst past the bound: not tracked, still sent in order
+                self._loop.create_task(self._publish_quietly(subj, body, h, False))
 
-    async def _publish_quietly(self, subj: str, body: bytes, h: dict[str, str] | None) -> None:
-        with contextlib.suppress(nats.errors.Error, OSError):
-            await self.nc.publish(subj, body, headers=h)
+    async def _publish_quietly(
+        self, subj: str, body: bytes, h: dict[str, str] | None, answered: bool
+    ) -> None:
+        with contextlib.suppress(nats.errors.Error, OSError, asyncio.TimeoutError):
+            if answered:
+                await self.nc.request(subj, body, headers=h, timeout=SETTLE_S)
+            else:
+                await self.nc.publish(subj, body, headers=h)
+
+    async def _settle_sends(self) -> None:
+        """Wait (a little) for the stream to answer this connection's at-most-once sends."""
+        if self._unanswered:
+            await asyncio.wait(list(self._unanswered), timeout=SETTLE_S)
 
     async def _send(
         self, queue: str, messages: list[Send], producer: ProducerSeq | None
@@ -1060,6 +1084,7 @@ class NatsBackend(Backend):
             with contextlib.suppress(nats.errors.Error, OSError):
                 await msg.nak()
         if pending:  # the server has them before this returns: a new consumer finds them
+            self._gave_back = time.monotonic()
             with contextlib.suppress(nats.errors.Error, OSError, asyncio.TimeoutError):
                 await self.nc.flush(timeout=int(API_TIMEOUT_S))
 
@@ -1108,7 +1133,12 @@ class NatsBackend(Backend):
         take messages after this receive returned (they would sit here, leased, while
         other consumers wait)."""
         m = self._member(member, self.epoch)
+        if timeout is not None and time.monotonic() - self._gave_back < GIVE_BACK_S:
+            # JetStream takes a NAK (nack, release) asynchronously: a receive right after
+            # one waits a moment for the message to be due here again
+            timeout = max(timeout, GIVE_BACK_S)
         end = None if timeout is None else time.monotonic() + timeout
+        await self._settle_sends()
         asked = False
         while True:
             now = time.monotonic()
@@ -1286,8 +1316,13 @@ class NatsBackend(Backend):
             return True
         try:
             await h.msg.nak(delay=decision.delay_s if decision.delay_s > 0 else None)
+            if decision.delay_s <= 0:  # due at once: the server has the NAK on return
+                self._gave_back = time.monotonic()
+                await self.nc.flush(timeout=int(API_TIMEOUT_S))
         except nats.errors.ConnectionClosedError as exc:
             raise self._lost(exc) from exc
+        except (TimeoutError, nats.errors.TimeoutError):
+            pass  # the NAK is sent; the redelivery comes when the server takes it
         return False
 
     def reject(self, member: int, epoch: int, off: int, attempt: int, reason: str) -> Pending[None]:
@@ -1401,6 +1436,7 @@ class NatsBackend(Backend):
     async def _release(self, h: _Held) -> None:
         if h.keepalive is not None:
             h.keepalive.cancel()
+        self._gave_back = time.monotonic()
         with contextlib.suppress(nats.errors.Error, OSError, asyncio.TimeoutError):
             await h.msg.nak()
             await self.nc.flush(timeout=int(API_TIMEOUT_S))
