@@ -797,3 +797,52 @@ def test_the_asyncio_api(space: Space) -> None:
         assert b.closed
 
     asyncio.run(main())
+
+
+# -- retention: the clients' trimming ------------------------------------------------------
+
+
+def _trim(b: arrival.Broker, queue: str) -> int:
+    """Run one trimming pass now (the backend runs it every TRIM_EVERY_S on its own)."""
+    backend: Any = b._b
+    purged: int = backend._call(backend._trim(queue)).wait()
+    return purged
+
+
+def test_trimming_deletes_what_every_group_acked_and_nothing_else(jb: arrival.Broker) -> None:
+    durable_queue(jb, dead_letter="q.dlq", max_deliveries=1)
+    jb.producer().send_batch("q", [b"0", b"1", b"2", b"3"])
+    assert _trim(jb, "q") == 0  # no group consumes it yet: everything waits for one
+    fast, slow = jb.consumer("q", "fast"), jb.consumer("q", "slow")
+    for m in (receive(fast), receive(fast)):
+        m.ack()
+    assert _trim(jb, "q") == 0  # the slow group acked nothing: its messages stay
+    for m in (receive(slow), receive(slow), receive(slow)):
+        m.ack()
+    assert _trim(jb, "q") == 2  # both groups acked 0 and 1
+    st = jb.stats("q")
+    assert (st.first_offset, st.stored) == (2, 2)
+    assert [p.body for p in jb.peek("q", 10)] == [b"2", b"3"]
+    # what is left is still delivered, to both groups
+    assert receive(fast).body == b"2"
+    assert receive(slow).body == b"3"
+
+
+def test_retention_keeps_acked_messages_for_its_seconds(jb: arrival.Broker) -> None:
+    durable_queue(jb, retention=60.0)
+    jb.producer().send_batch("q", [b"0", b"1"])
+    c = jb.consumer("q", "g")
+    for m in (receive(c), receive(c)):
+        m.ack()
+    assert _trim(jb, "q") == 0  # acked, but stored less than 60 s ago
+    assert jb.stats("q").stored == 2
+
+
+def test_a_dead_letter_queue_is_never_trimmed(jb: arrival.Broker) -> None:
+    durable_queue(jb, dead_letter="q.dlq", max_deliveries=1)
+    jb.producer().send("q", b"poison")
+    receive(jb.consumer("q", "g")).reject("bad")
+    reader = jb.consumer("q.dlq", "readers")
+    receive(reader).ack()  # a group of the DLQ acked the letter
+    assert _trim(jb, "q.dlq") == 0
+    assert [d.body for d in jb.dead_letters("q").list()] == [b"poison"]

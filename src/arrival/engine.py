@@ -243,6 +243,36 @@ class DeadMessage:
     quarantined: bool = False
 
 
+def dead_message(
+    off: int, mid: str | None, key: str | None, headers: dict[str, str] | None, body: bytes
+) -> DeadMessage:
+    """The dead letter stored at ``off``, its provenance read from its headers."""
+    h = headers or {}
+
+    def num(name: str) -> float | None:
+        v = h.get(name)
+        return float(v) if v is not None else None
+
+    replays = h.get(H_REPLAYS, "0")  # a producer may have set it: only digits count
+    return DeadMessage(
+        offset=off,
+        id=mid,
+        key=key,
+        body=body,
+        # the target of a quarantined copy (DLQ_GROUP) is bookkeeping, not provenance
+        headers={k: v for k, v in h.items() if k != H_REPLAY_GROUP},
+        origin_queue=h.get(H_ORIGIN_QUEUE),
+        origin_group=h.get(H_ORIGIN_GROUP),
+        attempts=int(h.get(H_ATTEMPTS, "0")),
+        reason=h.get(H_REASON),
+        last_error=h.get(H_LAST_ERROR),
+        first_failure=num(H_FIRST_FAILURE),
+        last_failure=num(H_LAST_FAILURE),
+        replays=int(replays) if replays.isdecimal() else 0,
+        quarantined=H_QUARANTINED in h,
+    )
+
+
 class _Batch:
     __slots__ = ("_by_group", "first", "keys", "records", "size", "targets")
 
@@ -1273,30 +1303,7 @@ class Engine:
     def _dead_message(self, dlq: _Queue, off: int) -> DeadMessage:
         b = self._batch_at(dlq, off)
         _ts, mid, key, headers, body = b.records[off - b.first]
-        h = headers or {}
-
-        def num(name: str) -> float | None:
-            v = h.get(name)
-            return float(v) if v is not None else None
-
-        replays = h.get(H_REPLAYS, "0")  # a producer may have set it: only digits count
-        return DeadMessage(
-            offset=off,
-            id=mid,
-            key=key,
-            body=body,
-            # the target of a quarantined copy (DLQ_GROUP) is bookkeeping, not provenance
-            headers={k: v for k, v in h.items() if k != H_REPLAY_GROUP},
-            origin_queue=h.get(H_ORIGIN_QUEUE),
-            origin_group=h.get(H_ORIGIN_GROUP),
-            attempts=int(h.get(H_ATTEMPTS, "0")),
-            reason=h.get(H_REASON),
-            last_error=h.get(H_LAST_ERROR),
-            first_failure=num(H_FIRST_FAILURE),
-            last_failure=num(H_LAST_FAILURE),
-            replays=int(replays) if replays.isdecimal() else 0,
-            quarantined=H_QUARANTINED in h,
-        )
+        return dead_message(off, mid, key, headers, body)
 
     def replay_dead_letters(
         self,

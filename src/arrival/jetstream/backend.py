@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime
 import itertools
 import json
 import random
@@ -68,6 +69,7 @@ from arrival.engine import (
     TxnAcks,
     _check_id,
     check_size,
+    dead_message,
 )
 from arrival.errors import (
     AlreadySettled,
@@ -117,6 +119,7 @@ ATOMIC_VERSION = (2, 12, 0)
 MIN_VERSION = (2, 10, 0)
 TXN_BUCKET_SUFFIX = "_txn"
 MAX_UNANSWERED = 10_000  # at-most-once sends whose answers are collected (read your writes)
+TRIM_EVERY_S = 30.0  # how often a client deletes what every group acked (retention)
 SETTLE_S = 2.0  # how long a receive waits for them
 GIVE_BACK_S = 0.05  # how long a receive waits for a message this connection just gave back
 
@@ -275,6 +278,8 @@ class NatsBackend(Backend):
         self._txn_gens: dict[str, int] = {}
         self._unanswered: set[asyncio.Task[None]] = set()
         self._gave_back = 0.0  # when this connection last NAKed a message due at once
+        self._trim_every = TRIM_EVERY_S
+        self._trimmer: asyncio.Task[None] | None = None
         self._commits = 0
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run_loop, name="arrival-nats", daemon=True)
@@ -345,6 +350,7 @@ class NatsBackend(Backend):
                 f"can't connect to {self.url!r}: {exc or type(exc).__name__}"
             ) from exc
         self._nc = nc
+        self._trimmer = asyncio.get_running_loop().create_task(self._trimming())
         self.server_version = _version(nc.connected_server_version.__str__().split()[-1][1:])
         info = nc._server_info  # the INFO the server sent: version, jetstream
         if not info.get("jetstream"):
@@ -503,7 +509,7 @@ class NatsBackend(Backend):
             try:
                 dl = await self._load_spec(spec.dead_letter)
             except UnknownQueue:
-                dl = await self._make_stream(dead_letter_spec(spec))
+                dl = await self._make_stream(dead_letter_spec(spec), dlq=True)
             if dl.guarantee is Guarantee.AT_MOST_ONCE:
                 raise InvalidQueueSpec(
                     spec.name,
@@ -523,13 +529,15 @@ class NatsBackend(Backend):
                 f"or newer",
             )
 
-    async def _make_stream(self, spec: QueueSpec) -> QueueSpec:
+    async def _make_stream(self, spec: QueueSpec, *, dlq: bool = False) -> QueueSpec:
         atomic = self.server_version >= ATOMIC_VERSION
         replicas = self._replicas if self._replicas is not None else 3
         while True:
             config = mapping.stream_config(
                 self.options.namespace, spec, replicas=replicas, atomic=atomic
             )
+            if dlq:  # its letters stay until replayed or purged: never trimmed
+                config["metadata"][mapping.META_DLQ] = "1"
             try:
                 await self._api(f"STREAM.CREATE.{config['name']}", config)
                 break
@@ -731,6 +739,59 @@ class NatsBackend(Backend):
             dropped=0,
             groups=tuple(sorted(groups, key=lambda g: g.group)),
         )
+
+    async def _trim(self, queue: str) -> int:
+        """Delete ``queue``'s messages that every group has acked and that were stored
+        more than ``retention`` seconds ago; the number deleted. A queue no group
+        consumes yet, an at-most-once queue and a dead-letter queue keep everything."""
+        spec = await self._load_spec(queue)
+        if spec.guarantee is Guarantee.AT_MOST_ONCE:
+            return 0
+        stream = self._stream(queue)
+        info = await self._api(f"STREAM.INFO.{stream}")
+        if ((info.get("config") or {}).get("metadata") or {}).get(mapping.META_DLQ):
+            return 0
+        floor: int | None = None
+        offset = 0
+        while True:
+            page = await self._api(f"CONSUMER.LIST.{stream}", {"offset": offset})
+            consumers = page.get("consumers") or []
+            for ci in consumers:  # all before ack_floor are acked by that group
+                acked = int((ci.get("ack_floor") or {}).get("stream_seq", 0))
+                floor = acked if floor is None else min(floor, acked)
+            offset += len(consumers)
+            if not consumers or offset >= page.get("total", 0):
+                break
+        if not floor:
+            return 0
+        upto = floor + 1  # a purge up to a sequence keeps that one and later ones
+        if spec.retention > 0:
+            newer = await self._first_since(stream, time.time() - spec.retention)
+            if newer is not None:
+                upto = min(upto, newer)
+        answer = await self._api(f"STREAM.PURGE.{stream}", {"seq": upto})
+        return int(answer.get("purged", 0))
+
+    async def _first_since(self, stream: str, t: float) -> int | None:
+        """The sequence of the first message stored at or after time ``t``."""
+        when = datetime.datetime.fromtimestamp(t, datetime.UTC).isoformat()
+        reply = await self.nc.request(
+            f"{API}.DIRECT.GET.{stream}",
+            json.dumps({"start_time": when.replace("+00:00", "Z")}).encode(),
+            timeout=API_TIMEOUT_S,
+        )
+        h = reply.headers or {}
+        if h.get("Status"):
+            return None
+        return int(h["Nats-Sequence"])
+
+    async def _trimming(self) -> None:
+        """Every TRIM_EVERY_S, trim the durable queues this connection has used."""
+        while not self._closed:
+            await asyncio.sleep(self._trim_every)
+            for queue in list(self._specs):
+                with contextlib.suppress(ArrivalError, nats.errors.Error, OSError):
+                    await self._trim(queue)
 
     # -- producing ----------------------------------------------------------------------
     def register_producer(self, producer: str) -> Pending[int]:
@@ -1077,7 +1138,10 @@ class NatsBackend(Backend):
         if m.spec.guarantee is Guarantee.AT_MOST_ONCE:
             return
         # what this consumer holds goes back now rather than at its lease's end
-        pending = [h.msg for h in m.held.values()] + [msg for msg, _t in m.buffer]
+        # (not those whose lease ran out: JetStream may have them with another consumer)
+        now = time.time()
+        pending = [h.msg for h in m.held.values() if h.deadline >= now]
+        pending += [msg for msg, arrived in m.buffer if arrived + m.spec.ack_timeout >= now]
         m.held.clear()
         m.buffer.clear()
         for msg in pending:
@@ -1466,7 +1530,7 @@ class NatsBackend(Backend):
             got = await self._read(stream, start, 256)
             for seq, _ts, raw, body in got:
                 mid, key, headers = mapping.decode_headers(raw)
-                out.append(_dead_message(seq - 1, mid, key, headers or {}, body))
+                out.append(dead_message(seq - 1, mid, key, headers, body))
             if len(got) < 256:
                 return out
             start = got[-1][0] + 1
@@ -1575,6 +1639,8 @@ class NatsBackend(Backend):
         return fut
 
     async def _close(self) -> None:
+        if self._trimmer is not None:
+            self._trimmer.cancel()
         for member in list(self._members):
             with contextlib.suppress(Exception):
                 await self._leave(member)
@@ -1631,32 +1697,6 @@ def _meta(reply: str | None) -> tuple[int, int, float]:
         return int(t[4]), int(t[5]), int(t[7]) / 1e9
     # $JS.ACK.<domain>.<account>.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>...
     return int(t[6]), int(t[7]), int(t[9]) / 1e9
-
-
-def _dead_message(
-    seq: int, mid: str | None, key: str | None, h: dict[str, str], body: bytes
-) -> DeadMessage:
-    def num(name: str) -> float | None:
-        v = h.get(name)
-        return float(v) if v is not None else None
-
-    replays = h.get(H_REPLAYS, "0")
-    return DeadMessage(
-        offset=seq,
-        id=mid,
-        key=key,
-        body=body,
-        headers={k: v for k, v in h.items() if k != H_REPLAY_GROUP},
-        origin_queue=h.get(H_ORIGIN_QUEUE),
-        origin_group=h.get(H_ORIGIN_GROUP),
-        attempts=int(h.get(H_ATTEMPTS, "0")),
-        reason=h.get(H_REASON),
-        last_error=h.get(H_LAST_ERROR),
-        first_failure=num(H_FIRST_FAILURE),
-        last_failure=num(H_LAST_FAILURE),
-        replays=int(replays) if replays.isdecimal() else 0,
-        quarantined=H_QUARANTINED in h,
-    )
 
 
 def _jetstream_mechanism(
@@ -1740,7 +1780,10 @@ def _jetstream_limits(spec: QueueSpec, config: dict[str, Any]) -> dict[str, str]
             "one key in flight"
         ),
         "releases": "a released delivery counts toward max_deliveries (JetStream counts it)",
-        "retention": "kept until deleted: JetStream does not delete acked messages here",
+        "retention": (
+            f"deleted {spec.retention:g} s after every group acked it, by the clients' "
+            f"trimming (every {TRIM_EVERY_S:g} s while one is connected)"
+        ),
     }
     if spec.guarantee is Guarantee.EXACTLY_ONCE or spec.dedup:
         out["producer_state"] = (
