@@ -300,6 +300,9 @@ class NatsBackend(Backend):
     def _stop_loop(self) -> None:
         if self._loop.is_closed():
             return
+        # operations still running end with ClosedError, rather than vanish with the loop
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(_cancel_all(), self._loop).result(5)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
         if not self._thread.is_alive():
@@ -1666,6 +1669,13 @@ class NatsBackend(Backend):
         with contextlib.suppress(Exception):
             asyncio.run_coroutine_threadsafe(drop(), self._loop).result(5)
         self._stop_loop()
+
+
+async def _cancel_all() -> None:
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _read_varz(url: str) -> dict[str, Any]:
