@@ -172,13 +172,13 @@ def test_a_cluster_run_refuses_faults_and_canaries_it_cannot_apply() -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("guarantee", ["at-least-once", "at-most-once"])
+@pytest.mark.parametrize("guarantee", GUARANTEES)
 def test_a_3_node_jetstream_cluster_holds_the_contract_under_node_kills_and_pauses(
     tmp_path: Path, guarantee: str
 ) -> None:
     """``arrival verify --target nats``: nodes SIGKILLed and restarted, paused, workers
-    killed; the same checker. (Exactly-once runs too, but its per-key order is not kept
-    on JetStream: docs/cluster.md.)"""
+    killed; the same checker. Per-key order is not kept on JetStream (docs/cluster.md):
+    ``reorder`` is the one forbidden anomaly allowed here."""
     r = run(
         Options(
             guarantee,
@@ -190,7 +190,10 @@ def test_a_3_node_jetstream_cluster_holds_the_contract_under_node_kills_and_paus
         )
     )
     rep = r.report
-    assert rep.ok, describe(r)
+    assert set(rep.forbidden) <= {NATS_KNOWN_GAP}, describe(r)
     assert rep.sends.get("ok", 0) > 1_000, rep.sends
     fired = {k for k, n in rep.faults.items() if n}
     assert {"kill", "pause"} <= fired, rep.faults
+
+
+NATS_KNOWN_GAP = "reorder"  # per-key order: JetStream has no per-key lease
