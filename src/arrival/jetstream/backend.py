@@ -33,7 +33,7 @@ import time
 import urllib.request
 import uuid
 from collections import deque
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
@@ -391,12 +391,24 @@ class NatsBackend(Backend):
 
     # -- the JetStream API --------------------------------------------------------------
     async def _api(self, subject: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        """One JetStream API request, retried while the cluster has no leader for it."""
+        """One JetStream API request (``$JS.API.<subject>``)."""
         payload = json.dumps(body).encode() if body is not None else b""
+        verb = subject.split(".")[0].lower()
+
+        def once() -> Awaitable[Msg]:
+            return self.nc.request(f"{API}.{subject}", payload, timeout=API_TIMEOUT_S)
+
+        return await self._retrying(f"answer a {verb} request", once)
+
+    async def _retrying(self, what: str, once: Callable[[], Awaitable[Msg]]) -> dict[str, Any]:
+        """JetStream's JSON answer to ``once()``, which is repeated while the answer is a
+        retriable error or does not come (a cluster electing a leader), for up to
+        OP_DEADLINE_S. Repeating is safe for what is sent here: API requests, and
+        publishes that carry a Nats-Msg-Id."""
         deadline = time.monotonic() + OP_DEADLINE_S
         while True:
             try:
-                reply = await self.nc.request(f"{API}.{subject}", payload, timeout=API_TIMEOUT_S)
+                reply = await once()
                 answer: dict[str, Any] = json.loads(reply.data)
                 err = answer.get("error")
                 if err is None:
@@ -411,9 +423,8 @@ class NatsBackend(Backend):
                 raise self._lost(exc) from exc
             if time.monotonic() > deadline:
                 raise BrokerUnreachable(
-                    f"JetStream at {self.url!r} did not answer {subject.split('.')[0]} within "
-                    f"{OP_DEADLINE_S:g} s ({error or type(error).__name__}): is a quorum of "
-                    f"its servers up?"
+                    f"JetStream at {self.url!r} did not {what} within {OP_DEADLINE_S:g} s "
+                    f"({error or type(error).__name__}): is a quorum of its servers up?"
                 )
             await asyncio.sleep(RETRY_PAUSE_S)
 
@@ -907,65 +918,34 @@ class NatsBackend(Backend):
         return acks[0]  # a duplicate answers with its original's sequence
 
     async def _publish_one(self, subj: str, h: dict[str, str], body: bytes) -> int:
-        deadline = time.monotonic() + OP_DEADLINE_S
-        while True:
-            try:
-                reply = await self.nc.request(subj, body, headers=h, timeout=API_TIMEOUT_S)
-                answer = json.loads(reply.data)
-                err = answer.get("error")
-                if err is None:
-                    return int(answer["seq"])
-                exc = JetStreamError(err.get("code", 0), err.get("err_code", 0), err["description"])
-                if not exc.retriable:
-                    raise exc
-                error: Exception = exc
-            except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
-                error = exc  # the same Nats-Msg-Id again: stored once if it got there
-            except nats.errors.ConnectionClosedError as exc:
-                raise self._lost(exc) from exc
-            if time.monotonic() > deadline:
-                raise BrokerUnreachable(
-                    f"JetStream at {self.url!r} did not store a message within "
-                    f"{OP_DEADLINE_S:g} s ({error or type(error).__name__})"
-                )
-            await asyncio.sleep(RETRY_PAUSE_S)
+        def once() -> Awaitable[Msg]:
+            return self.nc.request(subj, body, headers=h, timeout=API_TIMEOUT_S)
+
+        return int((await self._retrying("store a message", once))["seq"])
 
     async def _publish_batch(self, msgs: list[tuple[str, dict[str, str], bytes]]) -> int:
         """All of ``msgs`` or none, as one atomic batch (nats-server 2.12+)."""
-        deadline = time.monotonic() + OP_DEADLINE_S
-        while True:
-            batch = uuid.uuid4().hex
-            last = len(msgs)
-            try:
-                for n, (subj, h, body) in enumerate(msgs, 1):
-                    hb = dict(h, **{"Nats-Batch-Id": batch, "Nats-Batch-Sequence": str(n)})
-                    if n < last:
-                        await self.nc.publish(subj, body, headers=hb)
-                    else:
-                        hb["Nats-Batch-Commit"] = "1"
-                        reply = await self.nc.request(subj, body, headers=hb, timeout=API_TIMEOUT_S)
-                answer = json.loads(reply.data)
-                err = answer.get("error")
-                if err is None:
-                    return int(answer["seq"]) - last + 1
-                exc = JetStreamError(err.get("code", 0), err.get("err_code", 0), err["description"])
-                if exc.err_code == ERR_BATCH_DUPLICATE:
-                    # stored before (a batch is all or nothing): each id answers with its
-                    # original sequence
-                    return await self._publish_each(msgs)
-                if not exc.retriable:
-                    raise exc
-                error: Exception = exc
-            except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
-                error = exc
-            except nats.errors.ConnectionClosedError as exc:
-                raise self._lost(exc) from exc
-            if time.monotonic() > deadline:
-                raise BrokerUnreachable(
-                    f"JetStream at {self.url!r} did not commit a batch within "
-                    f"{OP_DEADLINE_S:g} s ({error or type(error).__name__})"
-                )
-            await asyncio.sleep(RETRY_PAUSE_S)
+        last = len(msgs)
+
+        async def once() -> Msg:
+            batch = uuid.uuid4().hex  # a repeat is a new batch of the same messages
+            for n, (subj, h, body) in enumerate(msgs[:-1], 1):
+                hb = dict(h, **{"Nats-Batch-Id": batch, "Nats-Batch-Sequence": str(n)})
+                await self.nc.publish(subj, body, headers=hb)
+            subj, h, body = msgs[-1]
+            hb = dict(h, **{"Nats-Batch-Id": batch, "Nats-Batch-Sequence": str(last)})
+            hb["Nats-Batch-Commit"] = "1"
+            return await self.nc.request(subj, body, headers=hb, timeout=API_TIMEOUT_S)
+
+        try:
+            answer = await self._retrying("commit a batch", once)
+        except JetStreamError as exc:
+            if exc.err_code != ERR_BATCH_DUPLICATE:
+                raise
+            # stored before (a batch is all or nothing): each id answers with its
+            # original sequence
+            return await self._publish_each(msgs)
+        return int(answer["seq"]) - last + 1
 
     # -- transactions -------------------------------------------------------------------
     def begin_transaction(self, tid: str) -> Pending[tuple[int, int]]:

@@ -21,6 +21,7 @@ Phases (docs/reliability.md): setup, faults, heal, final drain, audit, check.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -793,6 +794,8 @@ def run(opts: Options) -> Result:
     if opts.target not in TARGETS:
         raise ValueError(f"unknown target {opts.target!r}; known: {', '.join(TARGETS)}")
     known = NATS_FAULTS if opts.target == "nats" else FAULTS
+    if opts.target == "nats" and opts.faults == FAULTS:  # the default: all, for the target
+        opts = dataclasses.replace(opts, faults=NATS_FAULTS)
     unknown = set(opts.faults) - set(known)
     if unknown:
         raise ValueError(
