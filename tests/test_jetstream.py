@@ -627,28 +627,12 @@ def test_a_transaction_past_its_timeout_is_refused(jb: arrival.Broker) -> None:
     assert receive(inputs).attempt == 2  # not acked: it comes back
 
 
-def test_transaction_outputs_to_an_at_least_once_queue_are_one_atomic_batch(
-    space: Space, jb: arrival.Broker
+@pytest.mark.parametrize("out_guarantee", ["at-least-once", "exactly-once"])
+def test_transaction_outputs_to_a_queue_are_one_atomic_batch(
+    space: Space, jb: arrival.Broker, out_guarantee: str
 ) -> None:
     durable_queue(jb, name="in", guarantee="exactly-once")
-    jb.create_queue("out", "at-least-once")
-    jb.producer().send("in", b"order", id="i1")
-    msg = receive(jb.consumer("in", "g"))
-    with jb.transaction("t1") as tx:
-        tx.send("out", b"o1")
-        tx.send("out", b"o2")
-        tx.ack(msg)
-    stored = stored_headers(space, "out")
-    assert len(stored) == 2
-    assert stored[0].get("Nats-Batch-Id") is not None
-    assert stored[0]["Nats-Batch-Id"] == stored[1].get("Nats-Batch-Id")
-
-
-def test_transaction_outputs_to_an_exactly_once_queue_are_one_atomic_batch(
-    space: Space, jb: arrival.Broker
-) -> None:
-    durable_queue(jb, name="in", guarantee="exactly-once")
-    jb.create_queue("out", "exactly-once")
+    jb.create_queue("out", out_guarantee)
     jb.producer().send("in", b"order", id="i1")
     msg = receive(jb.consumer("in", "g"))
     with jb.transaction("t1") as tx:
@@ -752,6 +736,23 @@ def test_header_values_with_outer_blanks_are_refused(jb: arrival.Broker) -> None
     with pytest.raises(UsageError, match="blanks"):
         jb.producer().send("q", b"body", headers={"pad": "  padded  "})
     assert jb.consumer("q", "g").receive(timeout=QUIET_S) is None  # nothing was sent
+
+
+def test_an_at_most_once_send_refuses_what_nats_cant_carry_to_the_caller(
+    jb: arrival.Broker,
+) -> None:
+    """At-most-once sends are published later, on the backend's loop: what they can't
+    carry is refused at once, in the caller, and nothing is published."""
+    jb.create_queue("fast", "at-most-once")
+    c = jb.consumer("fast", "g")
+    p = jb.producer()
+    p.send("fast", b"known spec")  # the spec is cached from here on
+    assert receive(c).body == b"known spec"
+    with pytest.raises(UsageError, match="reserved"):
+        p.send("fast", b"x", headers={"Nats-Msg-Id": "forged"})
+    with pytest.raises(UsageError, match="line break"):
+        p.send("fast", b"x", headers={"h": "a\nb"})
+    assert c.receive(timeout=QUIET_S) is None
 
 
 def test_a_message_with_a_status_header_and_an_empty_body_is_delivered(

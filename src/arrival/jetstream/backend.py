@@ -228,6 +228,9 @@ def _status(msg: Msg) -> str | None:
     return h.get("Status")
 
 
+_Outgoing = tuple[str, dict[str, str] | None, bytes]  # (subject, NATS headers, body)
+
+
 @dataclass
 class _Held:
     msg: Msg
@@ -274,7 +277,8 @@ class NatsBackend(Backend):
         self._closed = False
         self._fsync: str | None = None  # "always", "interval Ns", or None: not known
         self._replicas: int | None = self.options.replicas
-        self._txn_revisions: dict[str, int] = {}
+        self._txn_stream = f"KV_{self.options.namespace}{TXN_BUCKET_SUFFIX}"  # a KV bucket
+        self._txn_bucket_ready = False
         self._txn_gens: dict[str, int] = {}
         self._unanswered: set[asyncio.Task[None]] = set()
         self._gave_back = 0.0  # when this connection last NAKed a message due at once
@@ -354,7 +358,6 @@ class NatsBackend(Backend):
             ) from exc
         self._nc = nc
         self._trimmer = asyncio.get_running_loop().create_task(self._trimming())
-        self.server_version = _version(nc.connected_server_version.__str__().split()[-1][1:])
         info = nc._server_info  # the INFO the server sent: version, jetstream
         if not info.get("jetstream"):
             await nc.close()
@@ -825,25 +828,34 @@ class NatsBackend(Backend):
             messages = [(None, None, None, b) for b in bodies]
         spec = self._specs.get(queue)
         if spec is not None and spec.guarantee is Guarantee.AT_MOST_ONCE:
-            self._check_sizes(spec, messages)
-            self._loop.call_soon_threadsafe(self._fire, spec, list(messages))
+            # encoded here, so that what NATS can't carry is refused to the caller
+            self._loop.call_soon_threadsafe(self._fire, self._encoded(spec, messages))
             return Ready(None)
         return self._call(self._send(queue, list(messages), producer))
 
     @staticmethod
     def _check_sizes(spec: QueueSpec, messages: Sequence[Send]) -> None:
-        for mid, key, headers, body in messages:
+        for _mid, _key, headers, body in messages:
             check_size(spec.name, spec.max_message_bytes, headers, body)
-            mapping.encode_headers(mid, key, headers)  # refuses what NATS can't carry
 
-    def _fire(self, spec: QueueSpec, messages: list[Send]) -> None:
+    def _encoded(self, spec: QueueSpec, messages: Sequence[Send]) -> list[_Outgoing]:
+        """(subject, NATS headers, body) of each message; refuses what NATS can't carry."""
+        self._check_sizes(spec, messages)
+        ns = self.options.namespace
+        return [
+            (
+                mapping.subject(ns, spec.name, key, conflate=spec.conflate),
+                mapping.encode_headers(mid, key, headers),
+                body,
+            )
+            for mid, key, headers, body in messages
+        ]
+
+    def _fire(self, outgoing: list[_Outgoing]) -> None:
         """At-most-once: published without the caller waiting, never repeated. The
         stream's answers are collected here, so that this connection's own receives,
         stats and peeks see its earlier sends (``_settle_sends``)."""
-        ns = self.options.namespace
-        for mid, key, headers, body in messages:
-            subj = mapping.subject(ns, spec.name, key, conflate=spec.conflate)
-            h = mapping.encode_headers(mid, key, headers)
+        for subj, h, body in outgoing:
             if len(self._unanswered) < MAX_UNANSWERED:
                 task = self._loop.create_task(self._publish_quietly(subj, body, h, True))
                 self._unanswered.add(task)
@@ -869,10 +881,10 @@ class NatsBackend(Backend):
         self, queue: str, messages: list[Send], producer: ProducerSeq | None
     ) -> int | None:
         spec = await self._load_spec(queue)
-        self._check_sizes(spec, messages)
         if spec.guarantee is Guarantee.AT_MOST_ONCE:
-            self._fire(spec, messages)
+            self._fire(self._encoded(spec, messages))
             return None
+        self._check_sizes(spec, messages)  # the headers are encoded once, by _publish
         if producer is not None:
             pid, epoch, seq = producer
             base = f"p:{pid}:{epoch}:{seq}"
@@ -953,12 +965,12 @@ class NatsBackend(Backend):
         gen = self._txn_gens[tid] = self._txn_gens.get(tid, 0) + 1
         return self._call(self._begin(tid, gen))
 
-    async def _kv_bucket(self) -> str:
-        return f"KV_{self.options.namespace}{TXN_BUCKET_SUFFIX}"
-
     async def _ensure_txn_bucket(self) -> str:
-        stream = await self._kv_bucket()
+        """The KV bucket of transactional ids (made on first use), by name."""
+        stream = self._txn_stream
         name = stream[3:]
+        if self._txn_bucket_ready:
+            return name
         try:
             await self._api(f"STREAM.INFO.{stream}")
         except JetStreamError as exc:
@@ -981,6 +993,7 @@ class NatsBackend(Backend):
             except JetStreamError as exc2:
                 if exc2.err_code != ERR_STREAM_NAME_IN_USE:
                     raise
+        self._txn_bucket_ready = True
         return name
 
     async def _begin(self, tid: str, gen: int) -> tuple[int, int]:
@@ -988,17 +1001,15 @@ class NatsBackend(Backend):
         _check_id("a transactional id", tid)
         name = await self._ensure_txn_bucket()
         subj = f"$KV.{name}.{mapping.escape(tid)}"
-        reply = await self.nc.request(subj, str(time.time()).encode(), timeout=API_TIMEOUT_S)
-        answer = json.loads(reply.data)
-        if "error" in answer:
-            err = answer["error"]
-            raise JetStreamError(err.get("code", 0), err.get("err_code", 0), err["description"])
-        revision = int(answer["seq"])
-        self._txn_revisions[tid] = revision
-        return (gen, revision)
+
+        def once() -> Awaitable[Msg]:
+            return self.nc.request(subj, str(time.time()).encode(), timeout=API_TIMEOUT_S)
+
+        answer = await self._retrying("open a transactional id", once)
+        return (gen, int(answer["seq"]))
 
     async def _fenced(self, tid: str, revision: int) -> bool:
-        name = (await self._kv_bucket())[3:]
+        name = self._txn_stream[3:]
         reply = await self.nc.request(
             f"{API}.DIRECT.GET.KV_{name}.$KV.{name}.{mapping.escape(tid)}",
             b"",
@@ -1145,7 +1156,7 @@ class NatsBackend(Backend):
             )
         )
 
-    def _member(self, member: int, epoch: int) -> _Member:
+    def _member(self, member: int) -> _Member:
         m = self._members.get(member)
         if m is None or m.closed:
             raise ClosedError("the consumer")
@@ -1179,7 +1190,7 @@ class NatsBackend(Backend):
         brings nothing, a waiting pull for one message, so that no pull is left open to
         take messages after this receive returned (they would sit here, leased, while
         other consumers wait)."""
-        m = self._member(member, self.epoch)
+        m = self._member(member)
         if timeout is not None and time.monotonic() - self._gave_back < GIVE_BACK_S:
             # JetStream takes a NAK (nack, release) asynchronously: a receive right after
             # one waits a moment for the message to be due here again
