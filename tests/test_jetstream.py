@@ -37,6 +37,7 @@ from arrival.errors import (
 )
 from arrival.jetstream import mapping
 from arrival.testing.nats import NatsServer, free_ports
+from arrival.verify.proxy import FaultProxy
 
 T = TypeVar("T")
 
@@ -609,6 +610,108 @@ def test_reopening_a_transactional_id_fences_the_earlier_holder(
     assert [m.body for m in outs] == [b"from the new holder"]
     assert not msg.lease_lost  # the zombie's ack did not happen: the input is still held
     msg.ack()
+
+
+# -- settling a superseded delivery (exactly-once) ------------------------------------
+
+
+@pytest.fixture
+def slow_link(space: Space, nats_session: Any) -> Iterator[tuple[FaultProxy, str]]:
+    """A fault proxy in front of the session's server, and this namespace's URL through
+    it: a client whose deliveries can be held in the network."""
+    port = nats_session.server.client_port
+    proxy = FaultProxy(("127.0.0.1", port))
+    url = space.url.replace(f":{port}?", f":{proxy.port}?", 1)
+    assert url != space.url
+    yield proxy, url
+    proxy.close()
+
+
+def held_delivery(
+    jb: arrival.Broker, proxy: FaultProxy, stale: arrival.Broker
+) -> tuple[arrival.Message, arrival.Message]:
+    """Message "m1" of queue "q", delivered to ``stale`` through ``proxy`` but held in the
+    network past its lease and redelivered meanwhile to a consumer of ``jb``, then let
+    through. Returns (the late first delivery, the redelivery), neither settled: the late
+    one's lease looks fresh to its holder, but JetStream's delivery of it is superseded."""
+    slow = stale.consumer("q", "g")
+    proxy.hold(down=True)
+    assert slow.receive(timeout=0.2) is None  # the pull went out; its answer is held
+    again = receive(jb.consumer("q", "g"))
+    assert again.attempt == 2
+    proxy.heal()
+    late = receive(slow)
+    assert (late.id, late.attempt, late.lease_lost) == ("m1", 1, False)
+    return late, again
+
+
+def test_a_stale_delivery_cannot_ack_after_its_redelivery_was_acked(
+    jb: arrival.Broker, slow_link: tuple[FaultProxy, str]
+) -> None:
+    durable_queue(jb, guarantee="exactly-once")
+    jb.producer().send("q", b"m", id="m1")
+    with arrival.connect(slow_link[1]) as stale:
+        late, again = held_delivery(jb, slow_link[0], stale)
+        again.ack()
+        with pytest.raises(LeaseExpired, match="another delivery of it was settled first"):
+            late.ack()
+
+
+def test_a_redelivery_cannot_ack_after_the_stale_delivery_acked(
+    jb: arrival.Broker, slow_link: tuple[FaultProxy, str]
+) -> None:
+    durable_queue(jb, guarantee="exactly-once")
+    jb.producer().send("q", b"m", id="m1")
+    with arrival.connect(slow_link[1]) as stale:
+        late, again = held_delivery(jb, slow_link[0], stale)
+        late.ack()  # the first settle wins, whichever delivery it comes from
+        with pytest.raises(LeaseExpired, match="another delivery of it was settled first"):
+            again.ack()
+    assert jb.consumer("q", "g").receive(timeout=QUIET_S) is None
+
+
+def test_a_stale_delivery_cannot_commit_a_transaction_after_its_redelivery_did(
+    jb: arrival.Broker, slow_link: tuple[FaultProxy, str]
+) -> None:
+    durable_queue(jb, guarantee="exactly-once")
+    jb.create_queue("out", "exactly-once")
+    jb.producer().send("q", b"m", id="m1")
+    with arrival.connect(slow_link[1]) as stale:
+        late, again = held_delivery(jb, slow_link[0], stale)
+        with jb.transaction("current") as tx:
+            tx.send("out", b"effect")
+            tx.ack(again)
+        zombie = stale.transaction("stale")
+        zombie.send("out", b"effect")
+        zombie.ack(late)
+        with pytest.raises(LeaseExpired, match="another delivery of it was settled first"):
+            zombie.commit()
+    outs = drain(jb.consumer("out", "g"))
+    assert [(m.body, m.id) for m in outs] == [(b"effect", "m1/0")]  # stored once
+    assert jb.consumer("q", "g").receive(timeout=QUIET_S) is None
+
+
+def test_a_settle_whose_answer_was_lost_succeeds_when_repeated(
+    jb: arrival.Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The settle marker stored but its answer lost: the repeat finds its own marker."""
+    durable_queue(jb, guarantee="exactly-once", ack_timeout=5.0)
+    jb.producer().send("q", b"m", id="m1")
+    msg = receive(jb.consumer("q", "g"))
+    backend = jb._b
+    real = backend._publish_one
+    markers: list[str] = []
+
+    async def answer_lost(subj: str, h: dict[str, str], body: bytes) -> int:
+        await real(subj, h, body)
+        markers.append(subj)
+        return await real(subj, h, body)  # repeated, as after a lost answer
+
+    monkeypatch.setattr(backend, "_publish_one", answer_lost)
+    msg.ack()
+    assert len(markers) == 1
+    assert ".settled." in markers[0]
+    assert jb.consumer("q", "g").receive(timeout=QUIET_S) is None
 
 
 def test_a_transaction_past_its_timeout_is_refused(jb: arrival.Broker) -> None:

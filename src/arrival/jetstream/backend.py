@@ -130,6 +130,9 @@ ERR_NO_CLUSTER = 10074  # replicas > 1 not supported in non-clustered mode
 ERR_INSUFFICIENT_RESOURCES = 10023
 ERR_BATCH_DUPLICATE = 10201  # an atomic batch repeats a message id already stored
 ERR_MSG_NOT_FOUND = 10037
+ERR_WRONG_LAST_SEQUENCE = 10071  # a Nats-Expected-Last-Subject-Sequence did not hold
+SETTLED_SUFFIX = "__settled"  # the stream of exactly-once settle markers, per namespace
+SETTLED_MAX_AGE_S = 7 * 24 * 3600.0  # how long a marker fences a stale delivery's settle
 
 
 @dataclass(frozen=True)
@@ -279,6 +282,8 @@ class NatsBackend(Backend):
         self._replicas: int | None = self.options.replicas
         self._txn_stream = f"KV_{self.options.namespace}{TXN_BUCKET_SUFFIX}"  # a KV bucket
         self._txn_bucket_ready = False
+        self._settled_stream = f"{self.options.namespace}{SETTLED_SUFFIX}"
+        self._settled_ready = False
         self._txn_gens: dict[str, int] = {}
         self._unanswered: set[asyncio.Task[None]] = set()
         self._gave_back = 0.0  # when this connection last NAKed a message due at once
@@ -1069,9 +1074,109 @@ class NatsBackend(Backend):
             spec = await self._load_spec(queue)
             ids = [self._msg_id(spec, f"{base}:{qi}", i, r[1]) for i, r in enumerate(records)]
             await self._publish(spec, records, ids)
+        if held:
+            await self._claim(held)
         await asyncio.gather(
             *(self._ack_one(m, off, attempt, h, True) for m, off, attempt, h in held)
         )
+
+    # -- exactly-once settle markers ------------------------------------------------------
+    async def _ensure_settled_stream(self) -> None:
+        if self._settled_ready:
+            return
+        stream = self._settled_stream
+        try:
+            await self._api(f"STREAM.INFO.{stream}")
+        except JetStreamError as exc:
+            if exc.err_code != ERR_STREAM_NOT_FOUND:
+                raise
+            config = {
+                "name": stream,
+                "subjects": [f"{self.options.namespace}.settled.>"],
+                "storage": "file",
+                "num_replicas": self._replicas if self._replicas is not None else 1,
+                "max_age": int(SETTLED_MAX_AGE_S * 1e9),
+                "discard": "old",
+                "allow_direct": True,
+                "allow_atomic": self.server_version >= ATOMIC_VERSION,
+                "metadata": {mapping.META_SETTLED: "1"},
+            }
+            try:
+                await self._api(f"STREAM.CREATE.{stream}", config)
+            except JetStreamError as exc2:
+                if exc2.err_code != ERR_STREAM_NAME_IN_USE:
+                    raise
+        self._settled_ready = True
+
+    def _marker_subject(self, m: _Member, off: int) -> str:
+        return f"{self.options.namespace}.settled.{m.stream}.{m.consumer}.{off + 1}"
+
+    async def _claim(self, held: Sequence[tuple[_Member, int, int, _Held]]) -> None:
+        """Settle these deliveries for good, before their acks: one marker per message,
+        stored only if the message has none yet (all of them or none, as one atomic
+        batch). JetStream takes an ack from any delivery of a pending message, also from
+        one whose lease ran out and that was delivered again since; the marker makes the
+        second of two such settles fail (LeaseExpired), whichever delivery it comes
+        from. A repeat of this very claim (its answer lost) finds its own markers."""
+        await self._ensure_settled_stream()
+        token = uuid.uuid4().hex.encode()
+        msgs = [
+            (
+                self._marker_subject(m, off),
+                {"Nats-Expected-Last-Subject-Sequence": "0"},
+                token,
+            )
+            for m, off, _a, _h in held
+        ]
+        try:
+            if len(msgs) == 1:
+                await self._publish_one(*msgs[0])
+            else:
+                await self._publish_batch(msgs)
+            return
+        except JetStreamError as exc:
+            if exc.err_code != ERR_WRONG_LAST_SEQUENCE:
+                raise
+        lost = []
+        for (m, off, attempt, h), (subj, _h, _b) in zip(held, msgs, strict=True):
+            owner = await self._marker(subj)
+            if owner is None or owner == token:
+                continue  # not settled yet, or by this very claim (its answer lost)
+            lost.append((m, off, attempt))
+            m.held.pop((off, attempt), None)
+            if h.keepalive is not None:
+                h.keepalive.cancel()
+            # settled by another delivery, which may not have acked it yet: acking it
+            # once more ends its redeliveries
+            with contextlib.suppress(nats.errors.Error):
+                await h.msg.ack()
+        if lost:
+            m, off, attempt = lost[0]
+            raise LeaseExpired(m.queue, off, attempt, "another delivery of it was settled first")
+
+    async def _marker(self, subj: str) -> bytes | None:
+        """The token of the marker stored under ``subj``, if any."""
+        deadline = time.monotonic() + OP_DEADLINE_S
+        while True:
+            try:
+                reply = await self.nc.request(
+                    f"{API}.DIRECT.GET.{self._settled_stream}.{subj}",
+                    b"",
+                    timeout=API_TIMEOUT_S,
+                )
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+                if time.monotonic() > deadline:
+                    raise BrokerUnreachable(
+                        f"JetStream at {self.url!r} did not answer a settle check within "
+                        f"{OP_DEADLINE_S:g} s ({exc!r})"
+                    ) from exc
+                await asyncio.sleep(RETRY_PAUSE_S)
+                continue
+            except nats.errors.ConnectionClosedError as exc:
+                raise self._lost(exc) from exc
+            if (reply.headers or {}).get("Status"):
+                return None
+            return reply.data
 
     # -- consuming ----------------------------------------------------------------------
     def join(self, queue: str, group: str, latest: bool) -> Pending[int]:
@@ -1315,6 +1420,8 @@ class NatsBackend(Backend):
         return self._call(self._ack_all(m, held, confirm))
 
     async def _ack_all(self, m: _Member, held: list[tuple[int, int, _Held]], confirm: bool) -> None:
+        if confirm:
+            await self._claim([(m, off, attempt, h) for off, attempt, h in held])
         await asyncio.gather(
             *(self._ack_one(m, off, attempt, h, confirm) for off, attempt, h in held)
         )

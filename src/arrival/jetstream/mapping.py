@@ -38,6 +38,7 @@ H_ID: Final = "Arrival-Id"  # the message's id, as the producer gave it
 H_KEY: Final = "Arrival-Key"  # its key
 META_SPEC: Final = "arrival-spec"  # stream metadata: the queue's spec, as JSON
 META_DLQ: Final = "arrival-dlq"  # stream metadata: the stream is a dead-letter queue
+META_SETTLED: Final = "arrival-settled"  # stream metadata: exactly-once settle markers
 NAMESPACE = re.compile(r"[A-Za-z0-9]{1,32}")
 MAX_STREAM_NAME = 255
 DEFAULT_DUPLICATE_WINDOW_S = 120.0  # JetStream's own default: covers a producer's retries
