@@ -257,11 +257,6 @@ def postgres() -> Iterator[object]:
 # cannot hold what the test checks; docs/cluster.md and describe() state each one.
 _ENGINE = "harness: inspects or breaks arrival's embedded engine, which JetStream replaces"
 _CLOCK = "harness: compares with the fake clock; JetStream stamps with the servers' clock"
-_KEY_ORDER = (
-    "gap: per-key order is not kept on JetStream (no per-key lease: two messages of one "
-    "key can be in flight in a group)"
-)
-_RELEASE = "gap: a release spends a delivery on JetStream (it counts every delivery)"
 _CRASH = (
     "gap: after a consumer's crash JetStream redelivers when the lease (ack wait) ends, "
     "not at once as the test expects"
@@ -307,12 +302,6 @@ NATS_GAPS: dict[str, str] = {
     "test_ack_after_lease_expired_raises": _CLOCK,
     "test_max_deliveries_moves_message_to_dlq_with_provenance": _CLOCK,
     "test_a_letter_replayed_max_replays_times_is_quarantined": _CLOCK,
-    "test_per_key_one_in_flight_and_send_order": _KEY_ORDER,
-    "test_nacked_head_blocks_its_key_only": _KEY_ORDER,
-    "test_dead_lettered_head_unblocks_its_key": _KEY_ORDER,
-    "test_retry_state_survives_reopen": _KEY_ORDER,
-    "test_release_does_not_spend_an_attempt": _RELEASE,
-    "test_consumer_close_releases_without_spending_attempts": _RELEASE,
     "test_crash_with_unacked_messages_redelivers_them": _CRASH,
     "test_lost_ack_redelivers_and_effect_happens_once": _CRASH,
     "test_an_exactly_once_ack_is_durable_when_it_returns": _CRASH,

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import nats
 import pytest
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 
 import arrival
 import arrival.aio
@@ -445,7 +446,8 @@ def test_describe_states_the_jetstream_mechanism_and_limits(
     assert orders.limits["stream"] == space.stream("orders")
     assert orders.limits["storage"] == "file"
     assert orders.limits["replicas"] == "1"  # a single server
-    assert orders.limits["per_key_order"].startswith("not kept")
+    assert orders.limits["per_key_order"].startswith("kept by arrival's gates")
+    assert "releases" not in orders.limits  # counted: they spend no attempt
     assert orders.limits["duplicate_window"].startswith("120 s")
     mechanism = " ".join(orders.mechanism)
     assert "sync_interval: always, checked" in mechanism
@@ -456,6 +458,8 @@ def test_describe_states_the_jetstream_mechanism_and_limits(
     assert pay.limits["duplicate_window"].startswith("3600 s")
     assert "transactions" in pay.limits
     assert "double acks" in " ".join(pay.mechanism)
+    assert "the newest delivery settles, once" in " ".join(pay.mechanism)
+    assert pay.limits["settles"].startswith("a lease record per message, kept 7 days")
     ticks = jb.describe("ticks")
     assert ticks.limits["storage"] == "memory"
     assert "AckNone" in " ".join(ticks.mechanism)
@@ -612,6 +616,158 @@ def test_reopening_a_transactional_id_fences_the_earlier_holder(
     msg.ack()
 
 
+# -- per-key order: the key gates ------------------------------------------------------
+
+
+def keyed(b: arrival.Broker, sends: list[tuple[str, str]], queue: str = "q") -> None:
+    b.producer().send_batch(
+        queue, [arrival.Envelope(body.encode(), key=key, id=body) for key, body in sends]
+    )
+
+
+def test_two_clients_never_hold_two_messages_of_one_key_and_keep_its_order(
+    space: Space, jb: arrival.Broker
+) -> None:
+    durable_queue(jb)
+    sends = [("a", "a1"), ("b", "b1"), ("a", "a2"), ("b", "b2"), ("a", "a3"), ("c", "c1")]
+    keyed(jb, sends)
+    with arrival.connect(space.url) as other:
+        consumers = [jb.consumer("q", "g"), other.consumer("q", "g")]
+        done: dict[str, list[str]] = {"a": [], "b": [], "c": []}
+        nacked = False
+        deadline = time.monotonic() + 4 * WAIT_S
+        while sum(map(len, done.values())) < len(sends):
+            assert time.monotonic() < deadline, done
+            held = [m for c in consumers for m in c.receive_batch(10, timeout=0.1)]
+            keys = [m.key for m in held]
+            assert len(keys) == len(set(keys)), f"two of one key in flight: {keys}"
+            for m in held:
+                assert m.key is not None
+                if m.id == "a2" and not nacked:  # its retry still comes before a3
+                    m.nack(delay=0.3)
+                    nacked = True
+                    continue
+                done[m.key].append(m.id)
+                m.ack()
+    assert nacked
+    assert done == {"a": ["a1", "a2", "a3"], "b": ["b1", "b2"], "c": ["c1"]}
+
+
+def test_a_waiting_delivery_spends_no_attempt_while_its_key_is_held(jb: arrival.Broker) -> None:
+    durable_queue(jb, max_deliveries=1, dead_letter="q.dlq")
+    keyed(jb, [("a", "a1"), ("a", "a2"), ("b", "b1")])
+    c = jb.consumer("q", "g")
+    head = receive(c)
+    assert head.id == "a1"
+    head.extend(4 * ACK_S)  # held far past the lease a2 would have had
+    other = receive(c)
+    assert other.id == "b1"  # other keys go on
+    other.ack()
+    assert c.receive(timeout=3 * ACK_S) is None  # a2 waits for a1
+    head.ack()
+    nxt = receive(c)
+    assert (nxt.id, nxt.attempt) == ("a2", 1)  # its wait was not an attempt
+    nxt.ack()
+    assert jb.dead_letters("q").list() == []
+
+
+def test_a_crashed_holder_keeps_its_key_until_its_message_comes_back(
+    space: Space, jb: arrival.Broker
+) -> None:
+    durable_queue(jb)
+    keyed(jb, [("a", "a1"), ("a", "a2")])
+    crashing = arrival.connect(space.url)
+    head = receive(crashing.consumer("q", "g"))
+    assert head.id == "a1"
+    crashing._b.abandon()  # a crash: a1 stays leased to nobody until its lease ends
+    c = jb.consumer("q", "g")
+    again = receive(c)
+    assert (again.id, again.attempt) == ("a1", 2)  # a1 again, not a2 before it
+    assert c.receive(timeout=0.2) is None  # a2 still waits
+    again.ack()
+    assert receive(c).id == "a2"
+
+
+def test_a_message_whose_ack_was_lost_is_not_handed_out_again(
+    jb: arrival.Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gate opens before the ack: if the ack is then lost, the redelivery finds its
+    message settled and acks it quietly, and the key moves on."""
+    durable_queue(jb)
+    keyed(jb, [("a", "a1"), ("a", "a2")])
+    c = jb.consumer("q", "g")
+    head = receive(c)
+
+    async def lost(self: Msg, timeout: float = 1.0) -> Msg:
+        raise nats.errors.TimeoutError
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Msg, "ack_sync", lost)
+        with pytest.raises(BrokerUnreachable, match="may be delivered again"):
+            head.ack()
+    got = [(m.id, m.attempt) for m in drain(c, timeout=REDELIVERY_S + 0.5)]
+    assert got == [("a2", 1)]  # a1 was not handed out again, and did not hold a2 back
+    assert c.receive(timeout=QUIET_S) is None  # nor will it: the redelivery was acked
+
+
+def test_a_group_that_joins_later_is_not_held_by_messages_it_never_gets(
+    jb: arrival.Broker,
+) -> None:
+    durable_queue(jb)
+    keyed(jb, [("a", "old")])
+    late = jb.consumer("q", "late", start="latest")
+    keyed(jb, [("a", "new")])
+    assert receive(late).id == "new"
+
+
+def test_a_replay_for_another_group_does_not_hold_the_key(jb: arrival.Broker) -> None:
+    durable_queue(jb, max_deliveries=1, dead_letter="q.dlq")
+    keyed(jb, [("a", "a1")])
+    ok, failing = jb.consumer("q", "ok"), jb.consumer("q", "failing")
+    receive(ok).ack()
+    receive(failing).reject("bad")
+    assert len(jb.dead_letters("q").replay()) == 1  # for "failing" only
+    keyed(jb, [("a", "a2")])
+    assert receive(ok).id == "a2"  # the replay passed "ok" by without holding key a
+    replayed = receive(failing)
+    assert (replayed.id, replayed.attempt) == ("a1", 1)
+
+
+def test_releases_spend_no_attempt_and_expiries_still_do(jb: arrival.Broker) -> None:
+    durable_queue(jb, max_deliveries=2)
+    jb.producer().send("q", b"work", id="m-1")
+    c = jb.consumer("q", "g")
+    for _ in range(3):  # a stopping worker, an open circuit: given back, not failed
+        receive(c).release()
+    first = receive(c)
+    second = receive(c)  # the first lease ran out: 1 failure of 2
+    assert (first.attempt, second.attempt) == (4, 5)
+    letters = jb.dead_letters("q")
+
+    def dead() -> list[Any] | None:
+        assert c.receive(timeout=0.2) is None  # the second expiry spent the budget
+        return letters.list() or None
+
+    (d,) = until(dead, "the dead letter")
+    assert d.headers["arrival-failures"] == "2"
+
+
+def test_a_closing_consumer_gives_back_what_it_holds_without_spending_it(
+    space: Space, jb: arrival.Broker
+) -> None:
+    durable_queue(jb, max_deliveries=1)
+    keyed(jb, [("a", "a1"), ("a", "a2"), ("b", "b1")])
+    with arrival.connect(space.url) as other:
+        leaving = other.consumer("q", "g")
+        held = leaving.receive_batch(10, timeout=WAIT_S)
+        assert [m.id for m in held] == ["a1", "b1"]  # a2 waits for a1, in this client
+        leaving.close()  # gives back a1, b1 and the waiting a2
+    c = jb.consumer("q", "g")
+    got = sorted((m.id, m.attempt) for m in drain(c, timeout=1.0))
+    assert got == [("a1", 2), ("a2", 2), ("b1", 2)]  # none dead-lettered
+    assert jb.dead_letters("q").list() == []
+
+
 # -- settling a superseded delivery (exactly-once) ------------------------------------
 
 
@@ -627,68 +783,87 @@ def slow_link(space: Space, nats_session: Any) -> Iterator[tuple[FaultProxy, str
     proxy.close()
 
 
-def held_delivery(
+def superseded(
     jb: arrival.Broker, proxy: FaultProxy, stale: arrival.Broker
 ) -> tuple[arrival.Message, arrival.Message]:
-    """Message "m1" of queue "q", delivered to ``stale`` through ``proxy`` but held in the
-    network past its lease and redelivered meanwhile to a consumer of ``jb``, then let
-    through. Returns (the late first delivery, the redelivery), neither settled: the late
-    one's lease looks fresh to its holder, but JetStream's delivery of it is superseded."""
-    slow = stale.consumer("q", "g")
-    proxy.hold(down=True)
-    assert slow.receive(timeout=0.2) is None  # the pull went out; its answer is held
+    """Message "m1" of queue "q", handed out by ``stale`` (through ``proxy``) and extended,
+    but its pings held in the network, so that JetStream delivers it again to a consumer
+    of ``jb``. Returns (the superseded delivery, whose lease looks fine to its holder;
+    the redelivery), neither settled."""
+    first = receive(stale.consumer("q", "g"))
+    first.extend(20 * ACK_S)
+    proxy.hold(up=True, down=True)
     again = receive(jb.consumer("q", "g"))
-    assert again.attempt == 2
     proxy.heal()
-    late = receive(slow)
-    assert (late.id, late.attempt, late.lease_lost) == ("m1", 1, False)
-    return late, again
+    assert (first.attempt, again.attempt, first.lease_lost) == (1, 2, False)
+    return first, again
 
 
-def test_a_stale_delivery_cannot_ack_after_its_redelivery_was_acked(
+def test_a_superseded_delivery_cannot_ack_after_the_redelivery_did(
     jb: arrival.Broker, slow_link: tuple[FaultProxy, str]
 ) -> None:
     durable_queue(jb, guarantee="exactly-once")
     jb.producer().send("q", b"m", id="m1")
     with arrival.connect(slow_link[1]) as stale:
-        late, again = held_delivery(jb, slow_link[0], stale)
+        first, again = superseded(jb, slow_link[0], stale)
         again.ack()
-        with pytest.raises(LeaseExpired, match="another delivery of it was settled first"):
-            late.ack()
+        with pytest.raises(LeaseExpired, match="settled by another delivery"):
+            first.ack()
 
 
-def test_a_redelivery_cannot_ack_after_the_stale_delivery_acked(
+def test_a_superseded_delivery_cannot_ack_even_before_the_redelivery(
     jb: arrival.Broker, slow_link: tuple[FaultProxy, str]
 ) -> None:
     durable_queue(jb, guarantee="exactly-once")
     jb.producer().send("q", b"m", id="m1")
     with arrival.connect(slow_link[1]) as stale:
-        late, again = held_delivery(jb, slow_link[0], stale)
-        late.ack()  # the first settle wins, whichever delivery it comes from
-        with pytest.raises(LeaseExpired, match="another delivery of it was settled first"):
-            again.ack()
+        first, again = superseded(jb, slow_link[0], stale)
+        with pytest.raises(LeaseExpired, match="delivered again"):
+            first.ack()  # the newest delivery holds the lease, as on the engine
+        again.ack()
     assert jb.consumer("q", "g").receive(timeout=QUIET_S) is None
 
 
-def test_a_stale_delivery_cannot_commit_a_transaction_after_its_redelivery_did(
+def test_a_superseded_delivery_cannot_commit_a_transaction(
     jb: arrival.Broker, slow_link: tuple[FaultProxy, str]
 ) -> None:
     durable_queue(jb, guarantee="exactly-once")
     jb.create_queue("out", "exactly-once")
     jb.producer().send("q", b"m", id="m1")
     with arrival.connect(slow_link[1]) as stale:
-        late, again = held_delivery(jb, slow_link[0], stale)
+        first, again = superseded(jb, slow_link[0], stale)
         with jb.transaction("current") as tx:
             tx.send("out", b"effect")
             tx.ack(again)
         zombie = stale.transaction("stale")
         zombie.send("out", b"effect")
-        zombie.ack(late)
-        with pytest.raises(LeaseExpired, match="another delivery of it was settled first"):
+        zombie.ack(first)
+        with pytest.raises(LeaseExpired, match="settled by another delivery"):
             zombie.commit()
     outs = drain(jb.consumer("out", "g"))
     assert [(m.body, m.id) for m in outs] == [(b"effect", "m1/0")]  # stored once
     assert jb.consumer("q", "g").receive(timeout=QUIET_S) is None
+
+
+def test_a_delivery_held_in_the_network_past_its_lease_is_never_handed_out(
+    jb: arrival.Broker, slow_link: tuple[FaultProxy, str]
+) -> None:
+    """A consumer paused (or cut off) while a delivery sat in its socket finds it there
+    on waking, its lease clock fresh; JetStream has delivered it again meanwhile."""
+    durable_queue(jb, guarantee="exactly-once")
+    jb.producer().send("q", b"m", id="m1")
+    proxy = slow_link[0]
+    with arrival.connect(slow_link[1]) as stale:
+        slow = stale.consumer("q", "g")
+        proxy.hold(down=True)
+        assert slow.receive(timeout=0.2) is None  # the pull went out; its answer is held
+        again = receive(jb.consumer("q", "g"))
+        assert again.attempt == 2
+        again.extend(10 * ACK_S)
+        proxy.heal()
+        assert slow.receive(timeout=0.5) is None  # the late copy is dropped
+        again.ack()
+        assert slow.receive(timeout=QUIET_S) is None
 
 
 def test_a_settle_whose_answer_was_lost_succeeds_when_repeated(

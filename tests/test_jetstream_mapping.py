@@ -118,11 +118,15 @@ def test_streams_no_queue_maps_to_are_not_queues() -> None:
 
 def test_a_queue_has_one_subject_and_the_stream_covers_it() -> None:
     s = spec("orders.eu", "at-least-once")
-    subject = mapping.subject(NS, "orders.eu", "customer-7")
-    assert subject == mapping.subject(NS, "orders.eu") == mapping.subject(NS, "orders.eu", None)
+    subject = mapping.subject(NS, "orders.eu")
+    assert subject == mapping.subject(NS, "orders.eu", None)
     assert all(SUBJECT_TOKEN.fullmatch(t) for t in tokens(subject))
     config = mapping.stream_config(NS, s, replicas=1, atomic=True)
     assert config["subjects"] == [subject, subject + ".>"]
+    keyed = mapping.subject(NS, "orders.eu", "customer-7")  # a key has its own subject
+    assert keyed.startswith(subject + ".k.")
+    assert keyed == mapping.subject(NS, "orders.eu", "customer-7", conflate=True)
+    assert keyed != mapping.subject(NS, "orders.eu", "customer-8")
     assert mapping.subject(NS, "orders.eu") != mapping.subject(NS, "orders_eu")
     assert mapping.subject("t2", "orders.eu") != subject
 

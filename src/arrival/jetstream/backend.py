@@ -12,7 +12,10 @@ on a cluster; this backend keeps arrival's contract on top of it (docs/cluster.m
   consumer never gives up on its own (``max_deliver=-1``); a nack past the budget, or a
   delivery that arrives past it (after lease expiries), is published to the dead-letter
   stream and then acked;
-- acks on exactly-once queues are JetStream double acks (confirmed by the server).
+- acks are JetStream double acks (confirmed by the server); on exactly-once queues a
+  settle marker per message makes the first settle of a message the only one;
+- per-key order: a gate per group and key (compare-and-set entries in a stream) lets
+  a key's next message out only once the one before it is settled.
 
 nats-py is asyncio-only: its client runs on an event loop in a thread of its own, and
 each operation returns a ``Future`` that the loop completes, so the blocking and the
@@ -22,6 +25,7 @@ asyncio APIs share it.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import dataclasses
 import datetime
@@ -35,7 +39,7 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 import nats
@@ -133,6 +137,7 @@ ERR_MSG_NOT_FOUND = 10037
 ERR_WRONG_LAST_SEQUENCE = 10071  # a Nats-Expected-Last-Subject-Sequence did not hold
 SETTLED_SUFFIX = "__settled"  # the stream of exactly-once settle markers, per namespace
 SETTLED_MAX_AGE_S = 7 * 24 * 3600.0  # how long a marker fences a stale delivery's settle
+KEYS_SUFFIX = "__keys"  # the stream of per-key gates (one entry per group and key)
 
 
 @dataclass(frozen=True)
@@ -234,12 +239,19 @@ def _status(msg: Msg) -> str | None:
 _Outgoing = tuple[str, dict[str, str] | None, bytes]  # (subject, NATS headers, body)
 
 
+Admission = Literal["yes", "wait", "stale", "settled"]
+
+
 @dataclass
 class _Held:
     msg: Msg
     deadline: float  # our lease: the wall-clock time until which an ack is accepted
     failures_before: int
     keepalive: asyncio.TimerHandle | None = None
+    key: str | None = None  # its key: settling it opens the key's gate for the next one
+    delivery: int = 0  # JetStream's delivery count of this delivery
+    lease: int = 0  # exactly-once: the revision of its lease record this delivery took
+    given: int = 0  # times it was given back (released) before: not attempts
 
 
 @dataclass
@@ -258,6 +270,14 @@ class _Member:
     no_wait: bool = False  # it is a no_wait request: the server answers it at once
     pull_until: float = 0.0
     held: dict[tuple[int, int], _Held] = field(default_factory=dict)
+    # per-key order: deliveries waiting for their key's gate, by key token, in sequence
+    # order (seq, msg, arrived, key); the tokens whose gate may have opened
+    blocked: dict[str, list[tuple[int, Msg, float, str]]] = field(default_factory=dict)
+    woken: set[str] = field(default_factory=set)
+    gate_sub: Subscription | None = None
+    tender: asyncio.Task[None] | None = None
+    floor: int = 0  # the consumer's ack floor (a stream sequence) when last read
+    parked: bool = False  # a delivery was set to wait since the last pull
     closed: bool = False
     received: int = 0
     acked: int = 0
@@ -284,6 +304,8 @@ class NatsBackend(Backend):
         self._txn_bucket_ready = False
         self._settled_stream = f"{self.options.namespace}{SETTLED_SUFFIX}"
         self._settled_ready = False
+        self._keys_stream = f"{self.options.namespace}{KEYS_SUFFIX}"
+        self._keys_ready = False
         self._txn_gens: dict[str, int] = {}
         self._unanswered: set[asyncio.Task[None]] = set()
         self._gave_back = 0.0  # when this connection last NAKed a message due at once
@@ -797,15 +819,9 @@ class NatsBackend(Backend):
     async def _first_since(self, stream: str, t: float) -> int | None:
         """The sequence of the first message stored at or after time ``t``."""
         when = datetime.datetime.fromtimestamp(t, datetime.UTC).isoformat()
-        reply = await self.nc.request(
-            f"{API}.DIRECT.GET.{stream}",
-            json.dumps({"start_time": when.replace("+00:00", "Z")}).encode(),
-            timeout=API_TIMEOUT_S,
-        )
-        h = reply.headers or {}
-        if h.get("Status"):
-            return None
-        return int(h["Nats-Sequence"])
+        request = {"start_time": when.replace("+00:00", "Z")}
+        reply = await self._direct_get(stream, None, request)
+        return None if reply is None else int((reply.headers or {})["Nats-Sequence"])
 
     async def _trimming(self) -> None:
         """Every TRIM_EVERY_S, trim the durable queues this connection has used."""
@@ -1015,15 +1031,10 @@ class NatsBackend(Backend):
 
     async def _fenced(self, tid: str, revision: int) -> bool:
         name = self._txn_stream[3:]
-        reply = await self.nc.request(
-            f"{API}.DIRECT.GET.KV_{name}.$KV.{name}.{mapping.escape(tid)}",
-            b"",
-            timeout=API_TIMEOUT_S,
-        )
-        h = reply.headers or {}
-        if h.get("Status"):
+        reply = await self._direct_get(f"KV_{name}", f"$KV.{name}.{mapping.escape(tid)}")
+        if reply is None:
             return True
-        return int(h.get("Nats-Sequence", "0")) != revision
+        return int((reply.headers or {}).get("Nats-Sequence", "0")) != revision
 
     def end_transaction(self, tid: str, epoch: tuple[int, int]) -> Pending[None]:
         return Ready(None)
@@ -1074,13 +1085,21 @@ class NatsBackend(Backend):
             spec = await self._load_spec(queue)
             ids = [self._msg_id(spec, f"{base}:{qi}", i, r[1]) for i, r in enumerate(records)]
             await self._publish(spec, records, ids)
-        if held:
-            await self._claim(held)
-        await asyncio.gather(
-            *(self._ack_one(m, off, attempt, h, True) for m, off, attempt, h in held)
-        )
+        exact = [x for x in held if x[0].spec.guarantee is Guarantee.EXACTLY_ONCE]
+        if exact:
+            await self._claim(exact)
+        await asyncio.gather(*(self._ack_one(m, off, attempt, h) for m, off, attempt, h in held))
 
-    # -- exactly-once settle markers ------------------------------------------------------
+    # -- exactly-once leases: a record per delivered message ------------------------------
+    # JetStream takes an ack (or a NAK) from any delivery of a pending message, also from
+    # one whose lease ran out and that was delivered again since: a consumer paused while
+    # a delivery sat in its socket finds it there on waking, its lease clock fresh. On an
+    # exactly-once queue arrival keeps the lease itself: a record per message, {"d": the
+    # delivery that holds it, "settled": who settled it}, in the namespace's settled
+    # stream, changed only by compare-and-set. A delivery takes the record when it is
+    # handed out (an older one may no longer), and settling is a compare-and-set from the
+    # revision it took (all inputs of a commit in one atomic batch): the newest delivery
+    # settles, once; a superseded one fails with LeaseExpired.
     async def _ensure_settled_stream(self) -> None:
         if self._settled_ready:
             return
@@ -1096,6 +1115,7 @@ class NatsBackend(Backend):
                 "storage": "file",
                 "num_replicas": self._replicas if self._replicas is not None else 1,
                 "max_age": int(SETTLED_MAX_AGE_S * 1e9),
+                "max_msgs_per_subject": 1,
                 "discard": "old",
                 "allow_direct": True,
                 "allow_atomic": self.server_version >= ATOMIC_VERSION,
@@ -1111,22 +1131,48 @@ class NatsBackend(Backend):
     def _marker_subject(self, m: _Member, off: int) -> str:
         return f"{self.options.namespace}.settled.{m.stream}.{m.consumer}.{off + 1}"
 
-    async def _claim(self, held: Sequence[tuple[_Member, int, int, _Held]]) -> None:
-        """Settle these deliveries for good, before their acks: one marker per message,
-        stored only if the message has none yet (all of them or none, as one atomic
-        batch). JetStream takes an ack from any delivery of a pending message, also from
-        one whose lease ran out and that was delivered again since; the marker makes the
-        second of two such settles fail (LeaseExpired), whichever delivery it comes
-        from. A repeat of this very claim (its answer lost) finds its own markers."""
+    async def _lease_read(self, subj: str) -> tuple[int, int, str]:
+        """(revision, holding delivery, settled by) of a lease record; zeros if none."""
+        reply = await self._direct_get(self._settled_stream, subj)
+        if reply is None:
+            return 0, 0, ""
+        v = json.loads(reply.data)
+        revision = int((reply.headers or {})["Nats-Sequence"])
+        return revision, int(v["d"]), str(v.get("settled", ""))
+
+    async def _take_lease(self, m: _Member, seq: int, delivery: int) -> int | Admission:
+        """The record's revision once delivery ``delivery`` of ``seq`` holds it; "stale"
+        if a later delivery does, "settled" if the message was settled."""
         await self._ensure_settled_stream()
-        token = uuid.uuid4().hex.encode()
+        subj = self._marker_subject(m, seq - 1)
+        while True:
+            revision, holder, settled = await self._lease_read(subj)
+            if settled:
+                return "settled"
+            if holder > delivery:
+                return "stale"
+            body = json.dumps({"d": delivery}).encode()
+            h = {"Nats-Expected-Last-Subject-Sequence": str(revision)}
+            try:
+                return await self._publish_one(subj, h, body)
+            except JetStreamError as exc:
+                if exc.err_code != ERR_WRONG_LAST_SEQUENCE:
+                    raise
+
+    async def _claim(self, held: Sequence[tuple[_Member, int, int, _Held]]) -> None:
+        """Settle these deliveries for good, before their acks: each one's lease record
+        is set to settled from the revision its delivery took (all of them or none, as
+        one atomic batch). If a later delivery took one since, or another settled it,
+        this fails with LeaseExpired. A repeat of this very claim (its answer lost) finds
+        its own token."""
+        token = uuid.uuid4().hex
         msgs = [
             (
                 self._marker_subject(m, off),
-                {"Nats-Expected-Last-Subject-Sequence": "0"},
-                token,
+                {"Nats-Expected-Last-Subject-Sequence": str(h.lease)},
+                json.dumps({"d": h.delivery, "settled": token}).encode(),
             )
-            for m, off, _a, _h in held
+            for m, off, _a, h in held
         ]
         try:
             if len(msgs) == 1:
@@ -1139,44 +1185,240 @@ class NatsBackend(Backend):
                 raise
         lost = []
         for (m, off, attempt, h), (subj, _h, _b) in zip(held, msgs, strict=True):
-            owner = await self._marker(subj)
-            if owner is None or owner == token:
-                continue  # not settled yet, or by this very claim (its answer lost)
-            lost.append((m, off, attempt))
+            _rev, holder, settled = await self._lease_read(subj)
+            if settled == token or (not settled and holder == h.delivery):
+                continue  # settled by this very claim, or still ours (another one lost)
+            lost.append((m, off, attempt, "settled by another delivery" if settled else ""))
             m.held.pop((off, attempt), None)
             if h.keepalive is not None:
                 h.keepalive.cancel()
-            # settled by another delivery, which may not have acked it yet: acking it
-            # once more ends its redeliveries
-            with contextlib.suppress(nats.errors.Error):
-                await h.msg.ack()
+            if settled:
+                # settled by another delivery, which may not have opened its key's gate
+                # nor acked it yet: doing both once more ends its redeliveries
+                if h.key is not None:
+                    await self._open_gate(m, h.key, off + 1)
+                with contextlib.suppress(nats.errors.Error):
+                    await h.msg.ack()
         if lost:
-            m, off, attempt = lost[0]
-            raise LeaseExpired(m.queue, off, attempt, "another delivery of it was settled first")
+            m, off, attempt, how = lost[0]
+            raise LeaseExpired(
+                m.queue, off, attempt, how or "its lease ran out: it was delivered again"
+            )
 
     async def _marker(self, subj: str) -> bytes | None:
         """The token of the marker stored under ``subj``, if any."""
+        reply = await self._direct_get(self._settled_stream, subj)
+        return None if reply is None else reply.data
+
+    # -- per-key order: one gate per group and key ----------------------------------------
+    # JetStream has no per-key lease, so arrival keeps one: an entry per (group, key) in
+    # the namespace's keys stream, {"held": seq, "done": seq}, changed only by
+    # compare-and-set (Nats-Expected-Last-Subject-Sequence). A delivery of a keyed
+    # message is handed out only if the gate holds it, or takes it: when it is free and
+    # the message is the key's first one after "done" (found by subject, each key having
+    # one). Settling it (ack, dead letter) opens the gate before the ack, so a lost ack's
+    # redelivery passes. A delivery that must wait stays with its client (kept alive with
+    # in-progress pings, so it spends no attempt) until the gate moves.
+    async def _ensure_keys_stream(self) -> None:
+        if self._keys_ready:
+            return
+        stream = self._keys_stream
+        try:
+            await self._api(f"STREAM.INFO.{stream}")
+        except JetStreamError as exc:
+            if exc.err_code != ERR_STREAM_NOT_FOUND:
+                raise
+            config = {
+                "name": stream,
+                "subjects": [
+                    f"{self.options.namespace}.keys.>",
+                    f"{self.options.namespace}.given.>",
+                ],
+                "storage": "file",
+                "num_replicas": self._replicas if self._replicas is not None else 1,
+                "max_msgs_per_subject": 1,
+                "discard": "old",
+                "allow_direct": True,
+                "metadata": {mapping.META_KEYS: "1"},
+            }
+            try:
+                await self._api(f"STREAM.CREATE.{stream}", config)
+            except JetStreamError as exc2:
+                if exc2.err_code != ERR_STREAM_NAME_IN_USE:
+                    raise
+        self._keys_ready = True
+
+    def _gate_subject(self, m: _Member, key: str) -> str:
+        ns = self.options.namespace
+        return f"{ns}.keys.{m.stream}.{m.consumer}.{mapping.key_token(key)}"
+
+    async def _gate_read(self, subj: str) -> tuple[int, int, int, int]:
+        """(revision, held, holder's delivery count, done) of a gate; zeros for one never
+        written."""
+        reply = await self._direct_get(self._keys_stream, subj)
+        if reply is None:
+            return 0, 0, 0, 0
+        v = json.loads(reply.data)
+        revision = int((reply.headers or {})["Nats-Sequence"])
+        return revision, int(v["held"]), int(v.get("delivery", 0)), int(v["done"])
+
+    async def _gate_write(
+        self, subj: str, revision: int, held: int, delivery: int, done: int
+    ) -> bool:
+        """Whether the gate was still at ``revision`` and now holds (held, done)."""
+        h = {"Nats-Expected-Last-Subject-Sequence": str(revision)}
+        body = json.dumps({"held": held, "delivery": delivery, "done": done}).encode()
+        try:
+            await self._publish_one(subj, h, body)
+        except JetStreamError as exc:
+            if exc.err_code != ERR_WRONG_LAST_SEQUENCE:
+                raise
+            return False  # moved meanwhile (or this write landed and its answer was lost)
+        return True
+
+    async def _admit(self, m: _Member, key: str, seq: int, delivery: int) -> Admission:
+        """Whether delivery number ``delivery`` of ``seq`` (of ``key``) may be handed out:
+        "yes" if the gate holds it already (or an earlier delivery of it: the gate now
+        names this one), or if the gate is free and it is the key's next message (taken
+        now); "wait" while another message holds the key; "stale" for a copy superseded
+        by a later delivery of it, which holds the gate; "settled" if it was settled
+        already (the gate opened at its ack or dead letter; this delivery is a copy from
+        before that, or JetStream's answer to a lost ack): it is acked, not handed out."""
+        subj = self._gate_subject(m, key)
+        floor_read = False
+        while True:
+            revision, held, holder, done = await self._gate_read(subj)
+            if seq <= done:
+                return "settled"
+            if held == seq:
+                if delivery < holder:
+                    return "stale"
+                if delivery == holder or await self._gate_write(
+                    subj, revision, seq, delivery, done
+                ):
+                    return "yes"
+                continue
+            if held:
+                return "wait"
+            first = await self._first_of_key(m, key, max(done, m.floor))
+            if first is not None and first < seq and not floor_read:
+                # maybe one this group never gets (it joined later, or it was acked
+                # before arrival kept the key's gate): read the consumer's ack floor
+                info = await self._api(f"CONSUMER.INFO.{m.stream}.{m.consumer}")
+                m.floor = max(m.floor, int(info.get("ack_floor", {}).get("stream_seq", 0)))
+                floor_read = True
+                continue
+            if first != seq:
+                return "wait"
+            if await self._gate_write(subj, revision, seq, delivery, done):
+                return "yes"
+
+    async def _first_of_key(self, m: _Member, key: str, after: int) -> int | None:
+        """The stream sequence of the key's first message after ``after``, if any."""
+        request = {
+            "seq": after + 1,
+            "next_by_subj": mapping.subject(
+                self.options.namespace, m.queue, key, conflate=m.spec.conflate
+            ),
+        }
+        reply = await self._direct_get(m.stream, None, request)
+        return None if reply is None else int((reply.headers or {})["Nats-Sequence"])
+
+    async def _open_gate(self, m: _Member, key: str, seq: int, delivery: int | None = None) -> None:
+        """``seq`` is settled: its key's gate lets the next message through. Given the
+        settling ``delivery``, a later delivery holding the gate refuses it (LeaseExpired:
+        the settle must not happen)."""
+        subj = self._gate_subject(m, key)
+        while True:
+            revision, held, holder, done = await self._gate_read(subj)
+            if held != seq:
+                return  # opened already (or this delivery never held it)
+            if delivery is not None and holder > delivery:
+                raise LeaseExpired(
+                    m.queue, seq - 1, delivery, "its lease ran out: it was delivered again"
+                )
+            if await self._gate_write(subj, revision, 0, 0, max(done, seq)):
+                break
+        token = mapping.key_token(key)
+        for other in self._members.values():  # this client's waiters learn it at once
+            if other.stream == m.stream and other.consumer == m.consumer and token in other.blocked:
+                other.woken.add(token)
+                other.arrived.set()
+
+    async def _gate(self, m: _Member, msg: Msg, arrived: float, seq: int, key: str) -> bool:
+        """Whether a new delivery may be handed out now; if not, it waits in m.blocked."""
+        token = mapping.key_token(key)
+        waiting = m.blocked.get(token)
+        if not (waiting and waiting[0][0] < seq):
+            admission = await self._admit(m, key, seq, _meta(msg.reply)[0])
+            if admission == "yes":
+                return True
+            if admission != "wait":
+                await self._drop(m, msg, admission, key, seq)
+                return False
+        waiting = m.blocked.setdefault(token, [])
+        waiting[:] = [w for w in waiting if w[0] != seq]  # a redelivery replaces its copy
+        bisect.insort(waiting, (seq, msg, arrived, key), key=lambda w: w[0])
+        m.parked = True
+        if m.tender is None:
+            m.tender = self._loop.create_task(self._tend(m))
+        return False
+
+    async def _drop(
+        self, m: _Member, msg: Msg, admission: Admission, key: str | None, seq: int
+    ) -> None:
+        """A delivery not handed out: a settled message's is acked, and its key's gate
+        opened (once more: its settler may have stopped before either), a superseded
+        copy's is left to the delivery that holds it."""
+        if admission == "settled":
+            if key is not None:
+                await self._open_gate(m, key, seq)
+            with contextlib.suppress(nats.errors.Error):
+                await msg.ack()
+
+    async def _tend(self, m: _Member) -> None:
+        """Keep the waiting deliveries alive (in-progress pings restart their ack wait)
+        and look at their gates again now and then, in case a change went unheard."""
+        step = max(0.05, min(m.spec.ack_timeout / 3, 1.0))
+        try:
+            while m.blocked and not m.closed:
+                await asyncio.sleep(step)
+                for waiting in list(m.blocked.values()):
+                    for _s, msg, _a, _k in waiting:
+                        with contextlib.suppress(nats.errors.Error):
+                            await msg.in_progress()
+                m.woken.update(m.blocked)
+                m.arrived.set()
+        finally:
+            m.tender = None
+
+    async def _direct_get(
+        self, stream: str, subj: str | None, request: dict[str, Any] | None = None
+    ) -> Msg | None:
+        """A stored message read directly: the last one of ``subj``, or what ``request``
+        asks for; None if there is none. Retried while the cluster recovers."""
+        api = f"{API}.DIRECT.GET.{stream}" + (f".{subj}" if subj is not None else "")
+        payload = json.dumps(request).encode() if request is not None else b""
         deadline = time.monotonic() + OP_DEADLINE_S
         while True:
             try:
-                reply = await self.nc.request(
-                    f"{API}.DIRECT.GET.{self._settled_stream}.{subj}",
-                    b"",
-                    timeout=API_TIMEOUT_S,
-                )
+                reply = await self.nc.request(api, payload, timeout=API_TIMEOUT_S)
             except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
                 if time.monotonic() > deadline:
                     raise BrokerUnreachable(
-                        f"JetStream at {self.url!r} did not answer a settle check within "
-                        f"{OP_DEADLINE_S:g} s ({exc!r})"
+                        f"JetStream at {self.url!r} did not answer a read within "
+                        f"{OP_DEADLINE_S:g} s ({exc!r}): is a quorum of its servers up?"
                     ) from exc
                 await asyncio.sleep(RETRY_PAUSE_S)
                 continue
             except nats.errors.ConnectionClosedError as exc:
                 raise self._lost(exc) from exc
-            if (reply.headers or {}).get("Status"):
+            status = (reply.headers or {}).get("Status")
+            if status is None:
+                return reply
+            if status == "404":
                 return None
-            return reply.data
+            raise JetStreamError(int(status), 0, (reply.headers or {}).get("Description", status))
 
     # -- consuming ----------------------------------------------------------------------
     def join(self, queue: str, group: str, latest: bool) -> Pending[int]:
@@ -1189,22 +1431,34 @@ class NatsBackend(Backend):
         stream = self._stream(queue)
         consumer = mapping.consumer_name(group)
         try:
-            await self._api(f"CONSUMER.INFO.{stream}.{consumer}")
+            info = await self._api(f"CONSUMER.INFO.{stream}.{consumer}")
         except JetStreamError as exc:
             if exc.err_code != ERR_CONSUMER_NOT_FOUND:
                 raise
             config = mapping.consumer_config(spec, group, latest=latest)
-            await self._api(
+            info = await self._api(
                 f"CONSUMER.CREATE.{stream}.{consumer}", {"stream_name": stream, "config": config}
             )
         m = _Member(
             next(self._member_ids), queue, group, spec, stream, consumer, self.nc.new_inbox()
         )
+        m.floor = int(info.get("ack_floor", {}).get("stream_seq", 0))
 
         async def arrive(msg: Msg) -> None:
             self._arrive(m, msg)
 
         m.sub = await self.nc.subscribe(m.inbox, cb=arrive, pending_msgs_limit=-1)
+        if spec.guarantee is not Guarantee.AT_MOST_ONCE:
+            await self._ensure_keys_stream()
+            gates = f"{self.options.namespace}.keys.{stream}.{consumer}"
+
+            async def gate_moved(msg: Msg) -> None:
+                token = msg.subject[len(gates) + 1 :]
+                if token in m.blocked:
+                    m.woken.add(token)
+                    m.arrived.set()
+
+            m.gate_sub = await self.nc.subscribe(f"{gates}.*", cb=gate_moved)
         self._members[m.id] = m
         return m.id
 
@@ -1231,9 +1485,12 @@ class NatsBackend(Backend):
             return
         m.closed = True
         m.arrived.set()  # wakes a receive waiting on this member
-        if m.sub is not None:
-            with contextlib.suppress(nats.errors.Error):
-                await m.sub.unsubscribe()
+        for sub in (m.sub, m.gate_sub):
+            if sub is not None:
+                with contextlib.suppress(nats.errors.Error):
+                    await sub.unsubscribe()
+        if m.tender is not None:
+            m.tender.cancel()
         if m.spec.guarantee is Guarantee.AT_MOST_ONCE:
             return
         # what this consumer holds goes back now rather than at its lease's end
@@ -1241,15 +1498,12 @@ class NatsBackend(Backend):
         now = time.time()
         pending = [h.msg for h in m.held.values() if h.deadline >= now]
         pending += [msg for msg, arrived in m.buffer if arrived + m.spec.ack_timeout >= now]
+        pending += [msg for waiting in m.blocked.values() for _s, msg, _a, _k in waiting]
         m.held.clear()
         m.buffer.clear()
-        for msg in pending:
-            with contextlib.suppress(nats.errors.Error, OSError):
-                await msg.nak()
+        m.blocked.clear()
         if pending:  # the server has them before this returns: a new consumer finds them
-            self._gave_back = time.monotonic()
-            with contextlib.suppress(nats.errors.Error, OSError, asyncio.TimeoutError):
-                await self.nc.flush(timeout=int(API_TIMEOUT_S))
+            await self._give_back(m, pending)
 
     def member_stats(self, member: int) -> Pending[ConsumerStats]:
         m = self._members.get(member)
@@ -1317,7 +1571,8 @@ class NatsBackend(Backend):
                 return got
             now = time.monotonic()
             if m.pull_left <= 0 or now >= m.pull_until:
-                if not asked:
+                if not asked or m.parked:  # (what the last pull brought must wait: more)
+                    m.parked = False
                     await self._pull(m, limit, 0.0)
                     asked = True
                 elif end is not None and now >= end:
@@ -1355,6 +1610,29 @@ class NatsBackend(Backend):
 
     async def _take(self, m: _Member, limit: int) -> list[Delivery]:
         out: list[Delivery] = []
+        while m.woken and len(out) < limit:  # a key's gate may have opened: its next one
+            token = m.woken.pop()
+            waiting = m.blocked.get(token)
+            if not waiting:
+                continue
+            seq, msg, _arrived, key = waiting[0]
+            admission = await self._admit(m, key, seq, _meta(msg.reply)[0])
+            if admission == "wait":
+                continue
+            del waiting[0]
+            if not waiting:
+                del m.blocked[token]
+            if admission != "yes":
+                await self._drop(m, msg, admission, key, seq)
+                if waiting:
+                    m.woken.add(token)  # the next one may be free now
+                continue
+            # its lease starts now: JetStream's ack wait too, restarted by a ping first
+            with contextlib.suppress(nats.errors.Error):
+                await msg.in_progress()
+            d = await self._deliver(m, msg, time.time(), admitted=True)
+            if d is not None:
+                out.append(d)
         while m.buffer and len(out) < limit:
             msg, arrived = m.buffer.popleft()
             d = await self._deliver(m, msg, arrived)
@@ -1362,21 +1640,33 @@ class NatsBackend(Backend):
                 out.append(d)
         return out
 
-    async def _deliver(self, m: _Member, msg: Msg, arrived: float) -> Delivery | None:
+    async def _deliver(
+        self, m: _Member, msg: Msg, arrived: float, *, admitted: bool = False
+    ) -> Delivery | None:
         delivered, seq, ts = _meta(msg.reply)
         off = seq - 1
         mid, key, headers = mapping.decode_headers(msg.headers)
         spec = m.spec
+        if (
+            key is not None
+            and spec.guarantee is not Guarantee.AT_MOST_ONCE
+            and not admitted
+            and not await self._gate(m, msg, arrived, seq, key)
+        ):
+            return None  # it waits here until the message before it of its key is settled
         if headers is not None and headers.get(H_REPLAY_GROUP, m.group) != m.group:
             # a replay for another group
             if spec.guarantee is not Guarantee.AT_MOST_ONCE:
+                if key is not None:
+                    await self._open_gate(m, key, seq)
                 await msg.ack()
             return None
         record: RecordTuple = (ts, mid, key, headers, msg.data)
         if spec.guarantee is Guarantee.AT_MOST_ONCE:
             m.received += 1
             return (off, delivered, 0.0, record)
-        failures = delivered - 1
+        given = await self._given(m, seq) if delivered > 1 else 0
+        failures = delivered - 1 - given  # deliveries given back were not attempts
         if spec.max_deliveries is not None and failures >= spec.max_deliveries:
             # its leases ran out (or its consumers crashed) as often as the budget allows
             await self._dead_letter(
@@ -1390,10 +1680,19 @@ class NatsBackend(Backend):
                 "lease expired",
             )
             return None
+        lease = 0
+        if spec.guarantee is Guarantee.EXACTLY_ONCE:
+            took = await self._take_lease(m, seq, delivered)
+            if not isinstance(took, int):
+                await self._drop(m, msg, took, key, seq)
+                return None
+            lease = took
         deadline = arrived + spec.ack_timeout
         for earlier in range(1, delivered):  # this delivery's expired predecessors
             m.held.pop((off, earlier), None)
-        m.held[(off, delivered)] = _Held(msg, deadline, failures)
+        m.held[(off, delivered)] = _Held(
+            msg, deadline, failures, key=key, delivery=delivered, lease=lease, given=given
+        )
         m.received += 1
         return (off, delivered, deadline, record)
 
@@ -1416,32 +1715,43 @@ class NatsBackend(Backend):
         held = [(off, attempt, self._holding(m, off, attempt)) for off, attempt in receipts]
         for off, attempt, _h in held:
             m.held.pop((off, attempt), None)
-        confirm = m.spec.guarantee is Guarantee.EXACTLY_ONCE
-        return self._call(self._ack_all(m, held, confirm))
+        return self._call(self._ack_all(m, held))
 
-    async def _ack_all(self, m: _Member, held: list[tuple[int, int, _Held]], confirm: bool) -> None:
-        if confirm:
+    async def _ack_all(self, m: _Member, held: list[tuple[int, int, _Held]]) -> None:
+        if m.spec.guarantee is Guarantee.EXACTLY_ONCE:
             await self._claim([(m, off, attempt, h) for off, attempt, h in held])
-        await asyncio.gather(
-            *(self._ack_one(m, off, attempt, h, confirm) for off, attempt, h in held)
-        )
+        await asyncio.gather(*(self._ack_one(m, off, attempt, h) for off, attempt, h in held))
 
-    async def _ack_one(self, m: _Member, off: int, attempt: int, h: _Held, confirm: bool) -> None:
+    async def _ack_one(self, m: _Member, off: int, attempt: int, h: _Held) -> None:
+        """A double ack: it returns once the server has recorded it (a plain ack can be
+        lost with a failing consumer leader, unnoticed)."""
         m.held.pop((off, attempt), None)
         if h.keepalive is not None:
             h.keepalive.cancel()
-        try:
-            if confirm:  # a double ack: returns once the server has recorded it
+        if h.key is not None:  # first: if the ack is lost, the redelivery is let go
+            strict = m.spec.guarantee is not Guarantee.EXACTLY_ONCE  # (else: claimed)
+            await self._open_gate(m, h.key, off + 1, h.delivery if strict else None)
+        deadline = time.monotonic() + OP_DEADLINE_S
+        while True:
+            try:
                 await h.msg.ack_sync(timeout=API_TIMEOUT_S)
-            else:
-                await h.msg.ack()
-        except nats.errors.TimeoutError as exc:
-            raise BrokerUnreachable(
-                f"JetStream did not confirm the ack of {m.queue}@{off}; it may be delivered again"
-            ) from exc
-        except nats.errors.ConnectionClosedError as exc:
-            raise self._lost(exc) from exc
+                break
+            except nats.errors.NoRespondersError as exc:  # the consumer's leader moves
+                if time.monotonic() > deadline:
+                    raise BrokerUnreachable(
+                        f"JetStream had no leader for the consumer of {m.queue} within "
+                        f"{OP_DEADLINE_S:g} s; message {off} may be delivered again"
+                    ) from exc
+                await asyncio.sleep(RETRY_PAUSE_S)
+            except nats.errors.TimeoutError as exc:
+                raise BrokerUnreachable(
+                    f"JetStream did not confirm the ack of {m.queue}@{off}; it may be "
+                    f"delivered again"
+                ) from exc
+            except nats.errors.ConnectionClosedError as exc:
+                raise self._lost(exc) from exc
         m.acked += 1
+        await self._forget_given(m, h)
 
     def nack(
         self,
@@ -1478,6 +1788,7 @@ class NatsBackend(Backend):
                 decision.reason,
                 error or "nacked",
             )
+            await self._forget_given(m, h)
             return True
         try:
             await h.msg.nak(delay=decision.delay_s if decision.delay_s > 0 else None)
@@ -1517,6 +1828,7 @@ class NatsBackend(Backend):
             f"rejected: {reason}",
             reason,
         )
+        await self._forget_given(m, h)
 
     async def _dead_letter(
         self,
@@ -1560,9 +1872,11 @@ class NatsBackend(Backend):
             mid = f"{m.queue}:{off}"
         letter_id = f"d:{m.stream}:{m.consumer}:{off}:{h.get(H_REPLAYS, '0')}"
         await self._publish(spec, [(now, mid, key, h, body)], [letter_id])
+        if key is not None:
+            await self._open_gate(m, key, off + 1)
         # if this ack is lost, the message comes again and is dead-lettered again under
         # the same letter id: stored once
-        with contextlib.suppress(nats.errors.TimeoutError):
+        with contextlib.suppress(nats.errors.Error):
             await msg.ack_sync(timeout=API_TIMEOUT_S)
 
     def extend(
@@ -1596,15 +1910,63 @@ class NatsBackend(Backend):
         m = self._settling(member, off, attempt)
         h = self._holding(m, off, attempt)
         m.held.pop((off, attempt), None)
-        return self._call(self._release(h))
+        return self._call(self._release(m, h))
 
-    async def _release(self, h: _Held) -> None:
+    async def _release(self, m: _Member, h: _Held) -> None:
         if h.keepalive is not None:
             h.keepalive.cancel()
+        await self._give_back(m, [h.msg])
+
+    # -- giving back without spending an attempt ------------------------------------------
+    # JetStream counts every delivery, so arrival counts the ones given back (release, a
+    # consumer closing with messages in hand) in the keys stream, per group and message:
+    # {"count": n, "last": the delivery counted last}; a redelivery's attempts are its
+    # deliveries less those. The entry goes when the message is settled.
+    def _given_subject(self, m: _Member, seq: int) -> str:
+        return f"{self.options.namespace}.given.{m.stream}.{m.consumer}.{seq}"
+
+    async def _given(self, m: _Member, seq: int) -> int:
+        reply = await self._direct_get(self._keys_stream, self._given_subject(m, seq))
+        return 0 if reply is None else int(json.loads(reply.data)["count"])
+
+    async def _give_back(self, m: _Member, msgs: Sequence[Msg]) -> None:
+        """Count these deliveries as given back, then NAK them (due at once)."""
+
+        async def count(msg: Msg) -> None:
+            delivered, seq, _ts = _meta(msg.reply)
+            subj = self._given_subject(m, seq)
+            while True:
+                reply = await self._direct_get(self._keys_stream, subj)
+                value = {"count": 0, "last": 0} if reply is None else json.loads(reply.data)
+                if int(value["last"]) >= delivered:
+                    return  # counted already (this write's answer was lost)
+                revision = 0 if reply is None else int((reply.headers or {})["Nats-Sequence"])
+                body = json.dumps({"count": int(value["count"]) + 1, "last": delivered})
+                h = {"Nats-Expected-Last-Subject-Sequence": str(revision)}
+                try:
+                    await self._publish_one(subj, h, body.encode())
+                    return
+                except JetStreamError as exc:
+                    if exc.err_code != ERR_WRONG_LAST_SEQUENCE:
+                        raise
+
+        with contextlib.suppress(ArrivalError):  # not counted: it spends an attempt
+            await asyncio.gather(*(count(msg) for msg in msgs))
         self._gave_back = time.monotonic()
+        for msg in msgs:
+            with contextlib.suppress(nats.errors.Error, OSError):
+                await msg.nak()
         with contextlib.suppress(nats.errors.Error, OSError, asyncio.TimeoutError):
-            await h.msg.nak()
             await self.nc.flush(timeout=int(API_TIMEOUT_S))
+
+    async def _forget_given(self, m: _Member, h: _Held) -> None:
+        """A settled message's count of give-backs is not needed any more."""
+        if h.given:
+            with contextlib.suppress(ArrivalError):
+                await self._api(
+                    f"STREAM.PURGE.{self._keys_stream}",
+                    {"filter": self._given_subject(m, _meta(h.msg.reply)[1])},
+                )
 
     def is_leased(self, member: int, epoch: int, off: int, attempt: int, deadline: float) -> bool:
         m = self._members.get(member)
@@ -1855,18 +2217,24 @@ def _jetstream_mechanism(
         "messages are one atomic batch (nats-server 2.12+)",
         f"lease of {spec.ack_timeout:g} s per delivery (a durable pull consumer per group, "
         f"AckExplicit); extend() holds it longer; expiry or nack make it available again, "
-        f"and so does a lost consumer, once its lease ends",
+        f"and so does a lost consumer, once its lease ends; acks are double acks: ack() "
+        f"returns once the server recorded it",
         f"redelivery backoff: exponential from {spec.backoff.initial_s:g} s, x"
         f"{spec.backoff.multiplier:g}, capped at {spec.backoff.max_s:g} s (a NAK with a "
         f"delay after a nack; JetStream's BackOff, at the mean jitter, after an expiry)",
         budget,
-        "per-key order is NOT kept: JetStream has no per-key lease, so a group may have two "
-        "messages of one key in flight",
-        "a release (shutdown, disconnect) spends a delivery of the budget: JetStream counts it",
+        "per-key order: a gate per group and key (compare-and-set entries in the "
+        "namespace's keys stream) hands out a key's next message only once the one before "
+        "it is settled; a delivery that waits stays with its client, kept alive",
+        "a release (shutdown, close, circuit breaker) is counted in the keys stream and "
+        "spends no attempt of the budget",
     )
     if spec.guarantee is Guarantee.EXACTLY_ONCE:
         out += (
-            "acks are confirmed commits: double acks, ack() returns after the server recorded it",
+            "a lease record per message (the namespace's settled stream): a delivery takes it "
+            "when handed out, and ack() or a commit settles it by compare-and-set from that "
+            "revision, so the newest delivery settles, once; a superseded one gets "
+            "LeaseExpired",
             "transactions: each queue's outputs are one atomic batch with ids derived from "
             "the messages the transaction acks, then the acks; a redelivered message's "
             "transaction repeats the same ids and JetStream stores them once",
@@ -1884,10 +2252,13 @@ def _jetstream_limits(spec: QueueSpec, config: dict[str, Any]) -> dict[str, str]
             f"stored again; the servers keep every id of the window in memory"
         ),
         "per_key_order": (
-            "not kept: JetStream has no per-key lease, so a group may have two messages of "
-            "one key in flight"
+            "kept by arrival's gates, at about four round trips to the cluster per keyed "
+            "message; a gate entry per group and key stays in the keys stream"
         ),
-        "releases": "a released delivery counts toward max_deliveries (JetStream counts it)",
+        "lost_consumer": (
+            "a crashed consumer's messages come back when their lease ends: JetStream "
+            "cannot tell a crashed client from a slow one"
+        ),
         "retention": (
             f"deleted {spec.retention:g} s after every group acked it, by the clients' "
             f"trimming (every {TRIM_EVERY_S:g} s while one is connected)"
@@ -1899,6 +2270,10 @@ def _jetstream_limits(spec: QueueSpec, config: dict[str, Any]) -> dict[str, str]
             "duplicate window, and a producer id is not fenced"
         )
     if spec.guarantee is Guarantee.EXACTLY_ONCE:
+        out["settles"] = (
+            f"a lease record per message, kept {SETTLED_MAX_AGE_S / 86400:g} days: a "
+            f"delivery superseded longer ago than that could settle again"
+        )
         out["transactions"] = (
             "atomic per queue; outputs to several queues are published one queue after "
             "another, and a crash between them is completed by the redelivery; at most 1000 "

@@ -28,6 +28,7 @@ __all__ = [
     "decode_headers",
     "encode_headers",
     "escape",
+    "key_token",
     "stream_config",
     "stream_name",
     "subject",
@@ -39,6 +40,7 @@ H_KEY: Final = "Arrival-Key"  # its key
 META_SPEC: Final = "arrival-spec"  # stream metadata: the queue's spec, as JSON
 META_DLQ: Final = "arrival-dlq"  # stream metadata: the stream is a dead-letter queue
 META_SETTLED: Final = "arrival-settled"  # stream metadata: exactly-once settle markers
+META_KEYS: Final = "arrival-keys"  # stream metadata: the per-key gates of consumer groups
 NAMESPACE = re.compile(r"[A-Za-z0-9]{1,32}")
 MAX_STREAM_NAME = 255
 DEFAULT_DUPLICATE_WINDOW_S = 120.0  # JetStream's own default: covers a producer's retries
@@ -102,16 +104,21 @@ def consumer_name(group: str) -> str:
     return escape(group)
 
 
+def key_token(key: str) -> str:
+    """A key as one subject token ("_" first: the empty key has a token too)."""
+    return "_" + base64.urlsafe_b64encode(key.encode()).decode().rstrip("=")
+
+
 def subject(namespace: str, queue: str, key: str | None = None, *, conflate: bool = False) -> str:
-    """Where a message of ``queue`` is published. A conflated queue gives each key its own
-    subject, so that JetStream keeps only the latest message per key."""
+    """Where a message of ``queue`` is published. Each key has a subject of its own: the
+    next message of a key is found by subject (per-key order), and a conflated queue
+    keeps only the latest message per subject."""
     base = f"{namespace}.q.{escape(queue)}"
-    if not conflate:
-        return base
-    if key is None:  # keyless messages are not conflated: each gets a subject of its own
+    if key is not None:
+        return f"{base}.k.{key_token(key)}"
+    if conflate:  # keyless messages are not conflated: each gets a subject of its own
         return f"{base}.n.{uuid.uuid4().hex}"
-    token = base64.urlsafe_b64encode(key.encode()).decode().rstrip("=")
-    return f"{base}.k._{token}"  # "_": the empty key has a token too
+    return base
 
 
 def backoff_waits(spec: QueueSpec) -> list[float] | None:

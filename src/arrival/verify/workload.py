@@ -264,9 +264,13 @@ def ctp(cfg: dict[str, Any]) -> None:
     session, size, out_q, tid = cfg["session"], cfg["size"], cfg["output"], cfg["tid"]
     broker = connect(cfg["url"])
     cons = broker.consumer(cfg["queue"], cfg["group"])
+    # when the receive of the batch being handled began, at the latest: the previous
+    # commit's end (process() receives the next batch after it). A handler paused before
+    # it records its delivery does not make the delivery look later than it was.
+    batch_since = [now()]
 
     def handler(msg: arrival.Message, out: arrival.Outputs) -> None:
-        _deliver(hist, msg, session, size)
+        _deliver(hist, msg, session, size, since=batch_since[0])
         oid = f"{msg.id}/0"
         # the commit's fate is open until on_commit says otherwise
         hist.add(Txn(now(), 0.0, tid, "info", [(msg.queue, msg.group, msg.id)], [(out_q, oid)]))
@@ -274,6 +278,7 @@ def ctp(cfg: dict[str, Any]) -> None:
 
     def committed(msgs: list[arrival.Message]) -> None:
         t = now()
+        batch_since[0] = t
         hist.add(
             Txn(
                 t,
@@ -286,6 +291,7 @@ def ctp(cfg: dict[str, Any]) -> None:
         )
 
     while not stop:
+        batch_since[0] = now()
         try:
             cons.process(
                 handler,
