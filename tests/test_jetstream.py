@@ -698,16 +698,37 @@ def test_a_message_whose_ack_was_lost_is_not_handed_out_again(
     c = jb.consumer("q", "g")
     head = receive(c)
 
-    async def lost(self: Msg, timeout: float = 1.0) -> Msg:
-        raise nats.errors.TimeoutError
+    async def lost(self: Msg) -> None:  # sent, never arrived
+        self._ackd = True
 
     with monkeypatch.context() as patch:
-        patch.setattr(Msg, "ack_sync", lost)
-        with pytest.raises(BrokerUnreachable, match="may be delivered again"):
-            head.ack()
+        patch.setattr(Msg, "ack", lost)
+        head.ack()  # the gate opened: a keyed message's ack needs no confirmation
     got = [(m.id, m.attempt) for m in drain(c, timeout=REDELIVERY_S + 0.5)]
     assert got == [("a2", 1)]  # a1 was not handed out again, and did not hold a2 back
     assert c.receive(timeout=QUIET_S) is None  # nor will it: the redelivery was acked
+
+
+def test_an_unconfirmed_ack_is_reported_and_the_message_comes_back(
+    jb: arrival.Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A keyless at-least-once message has nothing but JetStream's ack to record its
+    settle: ack() waits for the server to confirm it, and says so when it does not."""
+    durable_queue(jb)
+    jb.producer().send("q", b"m", id="m1")
+    c = jb.consumer("q", "g")
+    msg = receive(c)
+
+    async def unanswered(self: Msg, timeout: float = 1.0) -> Msg:
+        raise nats.errors.TimeoutError
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Msg, "ack_sync", unanswered)
+        with pytest.raises(BrokerUnreachable, match="may be delivered again"):
+            msg.ack()
+    again = receive(c)
+    assert (again.id, again.attempt) == ("m1", 2)
+    again.ack()
 
 
 def test_a_group_that_joins_later_is_not_held_by_messages_it_never_gets(

@@ -126,6 +126,7 @@ MAX_UNANSWERED = 10_000  # at-most-once sends whose answers are collected (read 
 TRIM_EVERY_S = 30.0  # how often a client deletes what every group acked (retention)
 SETTLE_S = 2.0  # how long a receive waits for them
 GIVE_BACK_S = 0.05  # how long a receive waits for a message this connection just gave back
+PULL_GRACE_S = 1.0  # how long past its timeout an at-most-once receive waits for its pull's end
 
 ERR_STREAM_NOT_FOUND = 10059
 ERR_CONSUMER_NOT_FOUND = 10014
@@ -137,6 +138,7 @@ ERR_MSG_NOT_FOUND = 10037
 ERR_WRONG_LAST_SEQUENCE = 10071  # a Nats-Expected-Last-Subject-Sequence did not hold
 SETTLED_SUFFIX = "__settled"  # the stream of exactly-once settle markers, per namespace
 SETTLED_MAX_AGE_S = 7 * 24 * 3600.0  # how long a marker fences a stale delivery's settle
+MAX_GATES_REMEMBERED = 100_000  # gates this client took, kept to open them in one write
 KEYS_SUFFIX = "__keys"  # the stream of per-key gates (one entry per group and key)
 
 
@@ -269,6 +271,8 @@ class _Member:
     pull_left: int = 0  # messages the outstanding pull request may still bring
     no_wait: bool = False  # it is a no_wait request: the server answers it at once
     pull_until: float = 0.0
+    pull_gen: int = 0  # the latest pull request's number: its answers come to inbox.<n>
+    receiving: bool = False  # a receive() is running on this member
     held: dict[tuple[int, int], _Held] = field(default_factory=dict)
     # per-key order: deliveries waiting for their key's gate, by key token, in sequence
     # order (seq, msg, arrived, key); the tokens whose gate may have opened
@@ -306,6 +310,8 @@ class NatsBackend(Backend):
         self._settled_ready = False
         self._keys_stream = f"{self.options.namespace}{KEYS_SUFFIX}"
         self._keys_ready = False
+        self._gate_revs: dict[tuple[str, int], int] = {}  # gates this client took: revision
+        self._gate_done: dict[str, int] = {}  # each gate's "done" as last read here
         self._txn_gens: dict[str, int] = {}
         self._unanswered: set[asyncio.Task[None]] = set()
         self._gave_back = 0.0  # when this connection last NAKed a message due at once
@@ -1145,8 +1151,10 @@ class NatsBackend(Backend):
         if a later delivery does, "settled" if the message was settled."""
         await self._ensure_settled_stream()
         subj = self._marker_subject(m, seq - 1)
-        while True:
-            revision, holder, settled = await self._lease_read(subj)
+        known: tuple[int, int, str] | None = (0, 0, "") if delivery == 1 else None
+        while True:  # (a first delivery expects no record: one write, no read)
+            revision, holder, settled = known or await self._lease_read(subj)
+            known = None
             if settled:
                 return "settled"
             if holder > delivery:
@@ -1264,17 +1272,17 @@ class NatsBackend(Backend):
 
     async def _gate_write(
         self, subj: str, revision: int, held: int, delivery: int, done: int
-    ) -> bool:
-        """Whether the gate was still at ``revision`` and now holds (held, done)."""
+    ) -> int:
+        """The gate's new revision if it was still at ``revision`` and now holds (held,
+        done); else 0."""
         h = {"Nats-Expected-Last-Subject-Sequence": str(revision)}
         body = json.dumps({"held": held, "delivery": delivery, "done": done}).encode()
         try:
-            await self._publish_one(subj, h, body)
+            return await self._publish_one(subj, h, body)
         except JetStreamError as exc:
             if exc.err_code != ERR_WRONG_LAST_SEQUENCE:
                 raise
-            return False  # moved meanwhile (or this write landed and its answer was lost)
-        return True
+            return 0  # moved meanwhile (or this write landed and its answer was lost)
 
     async def _admit(self, m: _Member, key: str, seq: int, delivery: int) -> Admission:
         """Whether delivery number ``delivery`` of ``seq`` (of ``key``) may be handed out:
@@ -1287,20 +1295,30 @@ class NatsBackend(Backend):
         subj = self._gate_subject(m, key)
         floor_read = False
         while True:
-            revision, held, holder, done = await self._gate_read(subj)
+            # the gate and the key's next message after the "done" last seen, side by side
+            guess = max(self._gate_done.get(subj, 0), m.floor)
+            (revision, held, holder, done), first = await asyncio.gather(
+                self._gate_read(subj), self._first_of_key(m, key, guess)
+            )
+            if len(self._gate_done) >= MAX_GATES_REMEMBERED:
+                self._gate_done.clear()
+            self._gate_done[subj] = done
             if seq <= done:
                 return "settled"
             if held == seq:
                 if delivery < holder:
                     return "stale"
-                if delivery == holder or await self._gate_write(
-                    subj, revision, seq, delivery, done
-                ):
+                if delivery == holder:
+                    return "yes"
+                taken = await self._gate_write(subj, revision, seq, delivery, done)
+                if taken:
+                    self._took_gate(subj, seq, taken)
                     return "yes"
                 continue
             if held:
                 return "wait"
-            first = await self._first_of_key(m, key, max(done, m.floor))
+            if max(done, m.floor) != guess:
+                first = await self._first_of_key(m, key, max(done, m.floor))
             if first is not None and first < seq and not floor_read:
                 # maybe one this group never gets (it joined later, or it was acked
                 # before arrival kept the key's gate): read the consumer's ack floor
@@ -1310,8 +1328,15 @@ class NatsBackend(Backend):
                 continue
             if first != seq:
                 return "wait"
-            if await self._gate_write(subj, revision, seq, delivery, done):
+            taken = await self._gate_write(subj, revision, seq, delivery, done)
+            if taken:
+                self._took_gate(subj, seq, taken)
                 return "yes"
+
+    def _took_gate(self, subj: str, seq: int, revision: int) -> None:
+        if len(self._gate_revs) >= MAX_GATES_REMEMBERED:  # (settles then read the gate)
+            self._gate_revs.clear()
+        self._gate_revs[(subj, seq)] = revision
 
     async def _first_of_key(self, m: _Member, key: str, after: int) -> int | None:
         """The stream sequence of the key's first message after ``after``, if any."""
@@ -1329,7 +1354,10 @@ class NatsBackend(Backend):
         settling ``delivery``, a later delivery holding the gate refuses it (LeaseExpired:
         the settle must not happen)."""
         subj = self._gate_subject(m, key)
-        while True:
+        taken = self._gate_revs.pop((subj, seq), 0)
+        # the gate as this client took it, if nothing changed it since: one write
+        opened = taken and await self._gate_write(subj, taken, 0, 0, seq)
+        while not opened:
             revision, held, holder, done = await self._gate_read(subj)
             if held != seq:
                 return  # opened already (or this delivery never held it)
@@ -1337,8 +1365,7 @@ class NatsBackend(Backend):
                 raise LeaseExpired(
                     m.queue, seq - 1, delivery, "its lease ran out: it was delivered again"
                 )
-            if await self._gate_write(subj, revision, 0, 0, max(done, seq)):
-                break
+            opened = await self._gate_write(subj, revision, 0, 0, max(done, seq))
         token = mapping.key_token(key)
         for other in self._members.values():  # this client's waiters learn it at once
             if other.stream == m.stream and other.consumer == m.consumer and token in other.blocked:
@@ -1447,7 +1474,7 @@ class NatsBackend(Backend):
         async def arrive(msg: Msg) -> None:
             self._arrive(m, msg)
 
-        m.sub = await self.nc.subscribe(m.inbox, cb=arrive, pending_msgs_limit=-1)
+        m.sub = await self.nc.subscribe(f"{m.inbox}.*", cb=arrive, pending_msgs_limit=-1)
         if spec.guarantee is not Guarantee.AT_MOST_ONCE:
             await self._ensure_keys_stream()
             gates = f"{self.options.namespace}.keys.{stream}.{consumer}"
@@ -1464,6 +1491,13 @@ class NatsBackend(Backend):
 
     def _arrive(self, m: _Member, msg: Msg) -> None:
         status = _status(msg)
+        if status is not None and msg.subject != f"{m.inbox}.{m.pull_gen}":
+            return  # the end of an earlier pull, late: it says nothing of the one now out
+        if status is None and m.spec.guarantee is Guarantee.AT_MOST_ONCE and not m.receiving:
+            # a pull's answer after its receive returned (its server was paused or failing
+            # over): dropped, as a fault may lose an at-most-once message, rather than
+            # handed out after messages the group received since
+            return
         if status is not None:
             if status != "100":  # 404 no messages, 408 expired, 409 ...: this pull is over
                 m.pull_left = 0
@@ -1503,6 +1537,7 @@ class NatsBackend(Backend):
         m.buffer.clear()
         m.blocked.clear()
         if pending:  # the server has them before this returns: a new consumer finds them
+            pending.sort(key=lambda msg: _meta(msg.reply)[1])  # due again in stream order
             await self._give_back(m, pending)
 
     def member_stats(self, member: int) -> Pending[ConsumerStats]:
@@ -1550,6 +1585,15 @@ class NatsBackend(Backend):
         take messages after this receive returned (they would sit here, leased, while
         other consumers wait)."""
         m = self._member(member)
+        m.receiving = True
+        try:
+            return await self._receiving(m, limit, timeout)
+        finally:
+            m.receiving = False
+            if m.spec.guarantee is Guarantee.AT_MOST_ONCE:
+                m.buffer.clear()  # (the same for what came beyond this receive's limit)
+
+    async def _receiving(self, m: _Member, limit: int, timeout: float | None) -> list[Delivery]:
         if timeout is not None and time.monotonic() - self._gave_back < GIVE_BACK_S:
             # JetStream takes a NAK (nack, release) asynchronously: a receive right after
             # one waits a moment for the message to be due here again
@@ -1579,12 +1623,25 @@ class NatsBackend(Backend):
                     return []
                 else:
                     await self._pull(m, 1, None if end is None else end - now)
-            elif end is not None and now >= end and not m.no_wait:
-                return []  # a pull is out already: what is there is on its way to us
+            elif (
+                end is not None
+                and now >= end
+                and not m.no_wait
+                and (m.spec.guarantee is not Guarantee.AT_MOST_ONCE or now >= end + PULL_GRACE_S)
+            ):
+                # a pull is out already: what is there is on its way to us (at-most-once:
+                # what it brings after this receive is dropped, so it waits for the pull's
+                # end, the server's 408 at its expiry, a moment longer)
+                return []
             m.arrived.clear()
             if m.buffer:
                 continue
-            until = m.pull_until if end is None or m.no_wait else min(end, m.pull_until)
+            if end is None or m.no_wait:
+                until = m.pull_until
+            elif m.spec.guarantee is Guarantee.AT_MOST_ONCE:
+                until = min(end + PULL_GRACE_S, m.pull_until)
+            else:
+                until = min(end, m.pull_until)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(m.arrived.wait(), max(0.0, until - now) + 0.001)
 
@@ -1599,11 +1656,12 @@ class NatsBackend(Backend):
         m.pull_left = limit
         m.no_wait = expires == 0.0
         m.pull_until = time.monotonic() + expires + 1.0
+        m.pull_gen += 1
         try:
             await self.nc.publish(
                 f"{API}.CONSUMER.MSG.NEXT.{m.stream}.{m.consumer}",
                 json.dumps(request).encode(),
-                reply=m.inbox,
+                reply=f"{m.inbox}.{m.pull_gen}",
             )
         except nats.errors.ConnectionClosedError as exc:
             raise self._lost(exc) from exc
@@ -1633,11 +1691,18 @@ class NatsBackend(Backend):
             d = await self._deliver(m, msg, time.time(), admitted=True)
             if d is not None:
                 out.append(d)
-        while m.buffer and len(out) < limit:
-            msg, arrived = m.buffer.popleft()
-            d = await self._deliver(m, msg, arrived)
-            if d is not None:
-                out.append(d)
+        batch: list[tuple[Msg, float]] = []
+        while m.buffer and len(out) + len(batch) < limit:
+            batch.append(m.buffer.popleft())
+        if batch:  # each delivery's gate and lease are round trips: made side by side
+            got = await asyncio.gather(
+                *(self._deliver(m, msg, arrived) for msg, arrived in batch),
+                return_exceptions=True,
+            )
+            out.extend(d for d in got if d is not None and not isinstance(d, BaseException))
+            errors = [e for e in got if isinstance(e, BaseException)]
+            if errors and not out:
+                raise errors[0]
         return out
 
     async def _deliver(
@@ -1647,13 +1712,17 @@ class NatsBackend(Backend):
         off = seq - 1
         mid, key, headers = mapping.decode_headers(msg.headers)
         spec = m.spec
-        if (
-            key is not None
-            and spec.guarantee is not Guarantee.AT_MOST_ONCE
-            and not admitted
-            and not await self._gate(m, msg, arrived, seq, key)
-        ):
-            return None  # it waits here until the message before it of its key is settled
+        took: int | Admission | None = None
+        if key is not None and spec.guarantee is not Guarantee.AT_MOST_ONCE and not admitted:
+            if spec.guarantee is Guarantee.EXACTLY_ONCE:  # its lease record meanwhile
+                passed, took = await asyncio.gather(
+                    self._gate(m, msg, arrived, seq, key),
+                    self._take_lease(m, seq, delivered),
+                )
+            else:
+                passed = await self._gate(m, msg, arrived, seq, key)
+            if not passed:
+                return None  # it waits here until the message before it of its key is settled
         if headers is not None and headers.get(H_REPLAY_GROUP, m.group) != m.group:
             # a replay for another group
             if spec.guarantee is not Guarantee.AT_MOST_ONCE:
@@ -1682,7 +1751,8 @@ class NatsBackend(Backend):
             return None
         lease = 0
         if spec.guarantee is Guarantee.EXACTLY_ONCE:
-            took = await self._take_lease(m, seq, delivered)
+            if took is None:
+                took = await self._take_lease(m, seq, delivered)
             if not isinstance(took, int):
                 await self._drop(m, msg, took, key, seq)
                 return None
@@ -1723,14 +1793,23 @@ class NatsBackend(Backend):
         await asyncio.gather(*(self._ack_one(m, off, attempt, h) for off, attempt, h in held))
 
     async def _ack_one(self, m: _Member, off: int, attempt: int, h: _Held) -> None:
-        """A double ack: it returns once the server has recorded it (a plain ack can be
-        lost with a failing consumer leader, unnoticed)."""
+        """The JetStream ack of a settled delivery. Where the settle is recorded already
+        (an exactly-once lease record, a keyed message's gate), a lost ack only brings a
+        redelivery that finds it settled and is acked again, never handed out: a plain
+        ack does. Else a double ack, which returns once the server has recorded it (a
+        plain ack can be lost with a failing consumer leader, unnoticed)."""
         m.held.pop((off, attempt), None)
         if h.keepalive is not None:
             h.keepalive.cancel()
+        exactly = m.spec.guarantee is Guarantee.EXACTLY_ONCE
         if h.key is not None:  # first: if the ack is lost, the redelivery is let go
-            strict = m.spec.guarantee is not Guarantee.EXACTLY_ONCE  # (else: claimed)
-            await self._open_gate(m, h.key, off + 1, h.delivery if strict else None)
+            await self._open_gate(m, h.key, off + 1, None if exactly else h.delivery)
+        if exactly or h.key is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await h.msg.ack()
+            m.acked += 1
+            await self._forget_given(m, h)
+            return
         deadline = time.monotonic() + OP_DEADLINE_S
         while True:
             try:
@@ -2231,7 +2310,8 @@ def _jetstream_mechanism(
     )
     if spec.guarantee is Guarantee.EXACTLY_ONCE:
         out += (
-            "a lease record per message (the namespace's settled stream): a delivery takes it "
+            "acks are confirmed commits: a lease record per message (the namespace's settled "
+            "stream): a delivery takes it "
             "when handed out, and ack() or a commit settles it by compare-and-set from that "
             "revision, so the newest delivery settles, once; a superseded one gets "
             "LeaseExpired",
