@@ -170,6 +170,9 @@ def test_a_cluster_run_refuses_faults_and_canaries_it_cannot_apply() -> None:
         run(Options("at-least-once", duration=1, target="kafka"))
 
 
+NATS_EXACTLY_ONCE_RATE = 80.0
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once", "at-most-once"])
@@ -186,6 +189,11 @@ def test_a_3_node_jetstream_cluster_holds_the_contract_under_node_kills_and_paus
             workdir=str(tmp_path / guarantee),
             target="nats",
             interval=1.5,
+            # the exactly-once pipeline (two consume-transform-produce stages, each keyed
+            # message a few fsync'd state writes) does about 100 msg/s here, where the
+            # three servers share two cores with the workload: at the default 200 msg/s
+            # its backlog does not drain by the heal deadline (docs/cluster.md)
+            rate=NATS_EXACTLY_ONCE_RATE if guarantee == "exactly-once" else 200.0,
         )
     )
     rep = r.report

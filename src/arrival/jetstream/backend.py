@@ -273,6 +273,8 @@ class _Member:
     pull_until: float = 0.0
     pull_gen: int = 0  # the latest pull request's number: its answers come to inbox.<n>
     receiving: bool = False  # a receive() is running on this member
+    pull_sub: Subscription | None = None  # at-most-once: the latest pull's own inbox
+    arrive_cb: Callable[[Msg], Awaitable[None]] | None = None
     held: dict[tuple[int, int], _Held] = field(default_factory=dict)
     # per-key order: deliveries waiting for their key's gate, by key token, in sequence
     # order (seq, msg, arrived, key); the tokens whose gate may have opened
@@ -1474,7 +1476,9 @@ class NatsBackend(Backend):
         async def arrive(msg: Msg) -> None:
             self._arrive(m, msg)
 
-        m.sub = await self.nc.subscribe(f"{m.inbox}.*", cb=arrive, pending_msgs_limit=-1)
+        m.arrive_cb = arrive
+        if spec.guarantee is not Guarantee.AT_MOST_ONCE:  # (at-most-once: one per pull)
+            m.sub = await self.nc.subscribe(f"{m.inbox}.*", cb=arrive, pending_msgs_limit=-1)
         if spec.guarantee is not Guarantee.AT_MOST_ONCE:
             await self._ensure_keys_stream()
             gates = f"{self.options.namespace}.keys.{stream}.{consumer}"
@@ -1519,7 +1523,7 @@ class NatsBackend(Backend):
             return
         m.closed = True
         m.arrived.set()  # wakes a receive waiting on this member
-        for sub in (m.sub, m.gate_sub):
+        for sub in (m.sub, m.gate_sub, m.pull_sub):
             if sub is not None:
                 with contextlib.suppress(nats.errors.Error):
                     await sub.unsubscribe()
@@ -1657,6 +1661,18 @@ class NatsBackend(Backend):
         m.no_wait = expires == 0.0
         m.pull_until = time.monotonic() + expires + 1.0
         m.pull_gen += 1
+        if m.spec.guarantee is Guarantee.AT_MOST_ONCE and m.arrive_cb is not None:
+            # a subscription per pull: what an earlier pull brings late (its server paused
+            # or failing over) is not taken for this one's, but dropped with its inbox
+            earlier, m.pull_sub = (
+                m.pull_sub,
+                await self.nc.subscribe(
+                    f"{m.inbox}.{m.pull_gen}", cb=m.arrive_cb, pending_msgs_limit=-1
+                ),
+            )
+            if earlier is not None:
+                with contextlib.suppress(nats.errors.Error):
+                    await earlier.unsubscribe()
         try:
             await self.nc.publish(
                 f"{API}.CONSUMER.MSG.NEXT.{m.stream}.{m.consumer}",
