@@ -887,6 +887,34 @@ def test_a_delivery_held_in_the_network_past_its_lease_is_never_handed_out(
         assert slow.receive(timeout=QUIET_S) is None
 
 
+def test_a_batch_of_first_deliveries_takes_its_lease_records_at_once_and_settles_them(
+    space: Space, jb: arrival.Broker
+) -> None:
+    durable_queue(jb, guarantee="exactly-once", ack_timeout=5.0)
+    jb.producer().send_batch("q", [arrival.Envelope(b"m", id=f"m{i}") for i in range(5)])
+    c = jb.consumer("q", "g")
+    got = c.receive_batch(5, timeout=WAIT_S)
+    assert [m.id for m in got] == [f"m{i}" for i in range(5)]
+    c.ack_batch(got)  # each settle is a compare-and-set from the revision taken
+    assert c.receive(timeout=QUIET_S) is None
+
+    async def records(nc: NatsClient) -> list[tuple[int, dict[str, Any]]]:
+        out = []
+        for m in got:
+            subject = f"{space.namespace}.settled.{space.stream('q')}.g.{m.offset + 1}"
+            reply = await nc.request(
+                f"$JS.API.DIRECT.GET.{space.namespace}__settled.{subject}", b"", timeout=2
+            )
+            out.append((int(reply.headers["Nats-Sequence"]), json.loads(reply.data)))
+        return out
+
+    stored = raw(space.server_url, records)
+    assert all(r["d"] == 1 and r["settled"] for _seq, r in stored)
+    # the settles went as one atomic batch too: consecutive revisions
+    seqs = [seq for seq, _r in stored]
+    assert seqs == list(range(seqs[0], seqs[0] + 5))
+
+
 def test_a_settle_whose_answer_was_lost_succeeds_when_repeated(
     jb: arrival.Broker, monkeypatch: pytest.MonkeyPatch
 ) -> None:

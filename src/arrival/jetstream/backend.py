@@ -1169,6 +1169,32 @@ class NatsBackend(Backend):
                 if exc.err_code != ERR_WRONG_LAST_SEQUENCE:
                     raise
 
+    async def _take_first_leases(self, m: _Member, msgs: Sequence[Msg]) -> dict[int, int]:
+        """The lease records of the first deliveries among ``msgs`` (exactly-once), taken
+        in one atomic batch per 1,000 (none of them can have a record yet), by id(msg);
+        if a batch is refused, its messages take theirs one by one as they are handed
+        out."""
+        if m.spec.guarantee is not Guarantee.EXACTLY_ONCE or self.server_version < ATOMIC_VERSION:
+            return {}
+        firsts = [msg for msg in msgs if _meta(msg.reply)[0] == 1]
+        if len(firsts) < 2:
+            return {}
+        await self._ensure_settled_stream()
+        body = json.dumps({"d": 1}).encode()
+        h = {"Nats-Expected-Last-Subject-Sequence": "0"}
+        out: dict[int, int] = {}
+        for start in range(0, len(firsts), MAX_BATCH):
+            chunk = firsts[start : start + MAX_BATCH]
+            batch = [(self._marker_subject(m, _meta(msg.reply)[1] - 1), h, body) for msg in chunk]
+            try:
+                first = await self._publish_batch(batch)
+            except JetStreamError as exc:
+                if exc.err_code != ERR_WRONG_LAST_SEQUENCE:
+                    raise
+                continue
+            out.update((id(msg), first + i) for i, msg in enumerate(chunk))
+        return out
+
     async def _claim(self, held: Sequence[tuple[_Member, int, int, _Held]]) -> None:
         """Settle these deliveries for good, before their acks: each one's lease record
         is set to settled from the revision its delivery took (all of them or none, as
@@ -1711,8 +1737,12 @@ class NatsBackend(Backend):
         while m.buffer and len(out) + len(batch) < limit:
             batch.append(m.buffer.popleft())
         if batch:  # each delivery's gate and lease are round trips: made side by side
+            leases = await self._take_first_leases(m, [msg for msg, _a in batch])
             got = await asyncio.gather(
-                *(self._deliver(m, msg, arrived) for msg, arrived in batch),
+                *(
+                    self._deliver(m, msg, arrived, lease=leases.get(id(msg)))
+                    for msg, arrived in batch
+                ),
                 return_exceptions=True,
             )
             out.extend(d for d in got if d is not None and not isinstance(d, BaseException))
@@ -1722,15 +1752,22 @@ class NatsBackend(Backend):
         return out
 
     async def _deliver(
-        self, m: _Member, msg: Msg, arrived: float, *, admitted: bool = False
+        self,
+        m: _Member,
+        msg: Msg,
+        arrived: float,
+        *,
+        admitted: bool = False,
+        lease: int | None = None,
     ) -> Delivery | None:
+        """``lease``: the revision of its lease record, taken already (exactly-once)."""
         delivered, seq, ts = _meta(msg.reply)
         off = seq - 1
         mid, key, headers = mapping.decode_headers(msg.headers)
         spec = m.spec
-        took: int | Admission | None = None
+        took: int | Admission | None = lease
         if key is not None and spec.guarantee is not Guarantee.AT_MOST_ONCE and not admitted:
-            if spec.guarantee is Guarantee.EXACTLY_ONCE:  # its lease record meanwhile
+            if spec.guarantee is Guarantee.EXACTLY_ONCE and took is None:  # (side by side)
                 passed, took = await asyncio.gather(
                     self._gate(m, msg, arrived, seq, key),
                     self._take_lease(m, seq, delivered),
