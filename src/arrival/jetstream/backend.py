@@ -307,11 +307,9 @@ class NatsBackend(Backend):
         self._fsync: str | None = None  # "always", "interval Ns", or None: not known
         self._replicas: int | None = self.options.replicas
         self._txn_stream = f"KV_{self.options.namespace}{TXN_BUCKET_SUFFIX}"  # a KV bucket
-        self._txn_bucket_ready = False
+        self._made: set[str] = set()  # arrival's own streams known to exist
         self._settled_stream = f"{self.options.namespace}{SETTLED_SUFFIX}"
-        self._settled_ready = False
         self._keys_stream = f"{self.options.namespace}{KEYS_SUFFIX}"
-        self._keys_ready = False
         self._gate_revs: dict[tuple[str, int], int] = {}  # gates this client took: revision
         self._gate_done: dict[str, int] = {}  # each gate's "done" as last read here
         self._txn_gens: dict[str, int] = {}
@@ -994,35 +992,42 @@ class NatsBackend(Backend):
         gen = self._txn_gens[tid] = self._txn_gens.get(tid, 0) + 1
         return self._call(self._begin(tid, gen))
 
-    async def _ensure_txn_bucket(self) -> str:
-        """The KV bucket of transactional ids (made on first use), by name."""
-        stream = self._txn_stream
-        name = stream[3:]
-        if self._txn_bucket_ready:
-            return name
+    async def _ensure_stream(self, stream: str, config: dict[str, Any]) -> None:
+        """Make one of arrival's own streams on first use (once per connection)."""
+        if stream in self._made:
+            return
         try:
             await self._api(f"STREAM.INFO.{stream}")
         except JetStreamError as exc:
             if exc.err_code != ERR_STREAM_NOT_FOUND:
                 raise
-            replicas = self._replicas if self._replicas is not None else 1
             config = {
                 "name": stream,
-                "subjects": [f"$KV.{name}.>"],
-                "max_msgs_per_subject": 1,
                 "storage": "file",
-                "num_replicas": replicas,
-                "discard": "new",
+                "num_replicas": self._replicas if self._replicas is not None else 1,
                 "allow_direct": True,
-                "allow_rollup_hdrs": True,
-                "deny_delete": True,
+                "max_msgs_per_subject": 1,
+                **config,
             }
             try:
                 await self._api(f"STREAM.CREATE.{stream}", config)
             except JetStreamError as exc2:
                 if exc2.err_code != ERR_STREAM_NAME_IN_USE:
                     raise
-        self._txn_bucket_ready = True
+        self._made.add(stream)
+
+    async def _ensure_txn_bucket(self) -> str:
+        """The KV bucket of transactional ids (made on first use), by name."""
+        name = self._txn_stream[3:]
+        await self._ensure_stream(
+            self._txn_stream,
+            {
+                "subjects": [f"$KV.{name}.>"],
+                "discard": "new",
+                "allow_rollup_hdrs": True,
+                "deny_delete": True,
+            },
+        )
         return name
 
     async def _begin(self, tid: str, gen: int) -> tuple[int, int]:
@@ -1109,32 +1114,16 @@ class NatsBackend(Backend):
     # revision it took (all inputs of a commit in one atomic batch): the newest delivery
     # settles, once; a superseded one fails with LeaseExpired.
     async def _ensure_settled_stream(self) -> None:
-        if self._settled_ready:
-            return
-        stream = self._settled_stream
-        try:
-            await self._api(f"STREAM.INFO.{stream}")
-        except JetStreamError as exc:
-            if exc.err_code != ERR_STREAM_NOT_FOUND:
-                raise
-            config = {
-                "name": stream,
+        await self._ensure_stream(
+            self._settled_stream,
+            {
                 "subjects": [f"{self.options.namespace}.settled.>"],
-                "storage": "file",
-                "num_replicas": self._replicas if self._replicas is not None else 1,
                 "max_age": int(SETTLED_MAX_AGE_S * 1e9),
-                "max_msgs_per_subject": 1,
                 "discard": "old",
-                "allow_direct": True,
                 "allow_atomic": self.server_version >= ATOMIC_VERSION,
                 "metadata": {mapping.META_SETTLED: "1"},
-            }
-            try:
-                await self._api(f"STREAM.CREATE.{stream}", config)
-            except JetStreamError as exc2:
-                if exc2.err_code != ERR_STREAM_NAME_IN_USE:
-                    raise
-        self._settled_ready = True
+            },
+        )
 
     def _marker_subject(self, m: _Member, off: int) -> str:
         return f"{self.options.namespace}.settled.{m.stream}.{m.consumer}.{off + 1}"
@@ -1161,13 +1150,9 @@ class NatsBackend(Backend):
                 return "settled"
             if holder > delivery:
                 return "stale"
-            body = json.dumps({"d": delivery}).encode()
-            h = {"Nats-Expected-Last-Subject-Sequence": str(revision)}
-            try:
-                return await self._publish_one(subj, h, body)
-            except JetStreamError as exc:
-                if exc.err_code != ERR_WRONG_LAST_SEQUENCE:
-                    raise
+            taken = await self._cas(subj, revision, {"d": delivery})
+            if taken:
+                return taken
 
     async def _take_first_leases(self, m: _Member, msgs: Sequence[Msg]) -> dict[int, int]:
         """The lease records of the first deliveries among ``msgs`` (exactly-once), taken
@@ -1252,37 +1237,20 @@ class NatsBackend(Backend):
     # compare-and-set (Nats-Expected-Last-Subject-Sequence). A delivery of a keyed
     # message is handed out only if the gate holds it, or takes it: when it is free and
     # the message is the key's first one after "done" (found by subject, each key having
-    # one). Settling it (ack, dead letter) opens the gate before the ack, so a lost ack's
-    # redelivery passes. A delivery that must wait stays with its client (kept alive with
-    # in-progress pings, so it spends no attempt) until the gate moves.
+    # one). Settling it (ack, dead letter) opens the gate before the ack, so that a lost
+    # ack's redelivery finds it settled (and acks it again). A delivery that must wait
+    # stays with its client (kept alive with in-progress pings, so it spends no attempt)
+    # until the gate moves.
     async def _ensure_keys_stream(self) -> None:
-        if self._keys_ready:
-            return
-        stream = self._keys_stream
-        try:
-            await self._api(f"STREAM.INFO.{stream}")
-        except JetStreamError as exc:
-            if exc.err_code != ERR_STREAM_NOT_FOUND:
-                raise
-            config = {
-                "name": stream,
-                "subjects": [
-                    f"{self.options.namespace}.keys.>",
-                    f"{self.options.namespace}.given.>",
-                ],
-                "storage": "file",
-                "num_replicas": self._replicas if self._replicas is not None else 1,
-                "max_msgs_per_subject": 1,
+        ns = self.options.namespace
+        await self._ensure_stream(
+            self._keys_stream,
+            {
+                "subjects": [f"{ns}.keys.>", f"{ns}.given.>"],
                 "discard": "old",
-                "allow_direct": True,
                 "metadata": {mapping.META_KEYS: "1"},
-            }
-            try:
-                await self._api(f"STREAM.CREATE.{stream}", config)
-            except JetStreamError as exc2:
-                if exc2.err_code != ERR_STREAM_NAME_IN_USE:
-                    raise
-        self._keys_ready = True
+            },
+        )
 
     def _gate_subject(self, m: _Member, key: str) -> str:
         ns = self.options.namespace
@@ -1303,14 +1271,19 @@ class NatsBackend(Backend):
     ) -> int:
         """The gate's new revision if it was still at ``revision`` and now holds (held,
         done); else 0."""
+        return await self._cas(subj, revision, {"held": held, "delivery": delivery, "done": done})
+
+    async def _cas(self, subj: str, revision: int, value: dict[str, Any]) -> int:
+        """Store ``value`` as the latest of ``subj`` if that is still at ``revision`` (0:
+        none yet): its new revision, or 0 if it moved meanwhile (or this very write
+        landed and its answer was lost: the caller reads it again)."""
         h = {"Nats-Expected-Last-Subject-Sequence": str(revision)}
-        body = json.dumps({"held": held, "delivery": delivery, "done": done}).encode()
         try:
-            return await self._publish_one(subj, h, body)
+            return await self._publish_one(subj, h, json.dumps(value).encode())
         except JetStreamError as exc:
             if exc.err_code != ERR_WRONG_LAST_SEQUENCE:
                 raise
-            return 0  # moved meanwhile (or this write landed and its answer was lost)
+            return 0
 
     async def _admit(self, m: _Member, key: str, seq: int, delivery: int) -> Admission:
         """Whether delivery number ``delivery`` of ``seq`` (of ``key``) may be handed out:
@@ -2073,14 +2046,10 @@ class NatsBackend(Backend):
                 if int(value["last"]) >= delivered:
                     return  # counted already (this write's answer was lost)
                 revision = 0 if reply is None else int((reply.headers or {})["Nats-Sequence"])
-                body = json.dumps({"count": int(value["count"]) + 1, "last": delivered})
-                h = {"Nats-Expected-Last-Subject-Sequence": str(revision)}
-                try:
-                    await self._publish_one(subj, h, body.encode())
+                if await self._cas(
+                    subj, revision, {"count": int(value["count"]) + 1, "last": delivered}
+                ):
                     return
-                except JetStreamError as exc:
-                    if exc.err_code != ERR_WRONG_LAST_SEQUENCE:
-                        raise
 
         with contextlib.suppress(ArrivalError):  # not counted: it spends an attempt
             await asyncio.gather(*(count(msg) for msg in msgs))
