@@ -262,6 +262,18 @@ def test_an_extended_lease_that_runs_out_is_redelivered(jb: arrival.Broker) -> N
 # -- dead letters ---------------------------------------------------------------------
 
 
+def the_dead_letter(b: arrival.Broker, c: arrival.Consumer) -> Any:
+    """Queue "q"'s one dead letter, once it is there; ``c`` is never handed it again."""
+    letters = b.dead_letters("q")
+
+    def dead() -> list[Any] | None:
+        assert c.receive(timeout=0.2) is None
+        return letters.list() or None
+
+    (d,) = until(dead, "the dead letter")
+    return d
+
+
 def test_expiry_past_max_deliveries_dead_letters_with_provenance(jb: arrival.Broker) -> None:
     durable_queue(jb, max_deliveries=2)
     jb.producer().send("q", b"poison", key="k7", headers={"type": "order"}, id="m-1")
@@ -269,13 +281,7 @@ def test_expiry_past_max_deliveries_dead_letters_with_provenance(jb: arrival.Bro
     first = receive(c)
     second = receive(c)  # the first lease ran out
     assert (first.attempt, second.attempt) == (1, 2)
-    letters = jb.dead_letters("q")
-
-    def dead() -> list[Any] | None:
-        assert c.receive(timeout=0.2) is None  # never handed out a third time
-        return letters.list() or None
-
-    (d,) = until(dead, "the dead letter")
+    d = the_dead_letter(jb, c)  # never handed out a third time
     assert (d.id, d.key, d.body) == ("m-1", "k7", b"poison")
     assert (d.origin_queue, d.origin_group) == ("q", "billing")
     assert d.headers["arrival-origin-queue"] == "q"
@@ -763,13 +769,7 @@ def test_releases_spend_no_attempt_and_expiries_still_do(jb: arrival.Broker) -> 
     first = receive(c)
     second = receive(c)  # the first lease ran out: 1 failure of 2
     assert (first.attempt, second.attempt) == (4, 5)
-    letters = jb.dead_letters("q")
-
-    def dead() -> list[Any] | None:
-        assert c.receive(timeout=0.2) is None  # the second expiry spent the budget
-        return letters.list() or None
-
-    (d,) = until(dead, "the dead letter")
+    d = the_dead_letter(jb, c)  # the second expiry spent the budget
     assert d.headers["arrival-failures"] == "2"
 
 

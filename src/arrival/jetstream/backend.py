@@ -12,8 +12,9 @@ on a cluster; this backend keeps arrival's contract on top of it (docs/cluster.m
   consumer never gives up on its own (``max_deliver=-1``); a nack past the budget, or a
   delivery that arrives past it (after lease expiries), is published to the dead-letter
   stream and then acked;
-- acks are JetStream double acks (confirmed by the server); on exactly-once queues a
-  settle marker per message makes the first settle of a message the only one;
+- acks are JetStream double acks (confirmed by the server) unless the settle is
+  recorded already; on exactly-once queues a lease record per message lets only the
+  newest delivery settle, once;
 - per-key order: a gate per group and key (compare-and-set entries in a stream) lets
   a key's next message out only once the one before it is settled.
 
@@ -136,8 +137,8 @@ ERR_INSUFFICIENT_RESOURCES = 10023
 ERR_BATCH_DUPLICATE = 10201  # an atomic batch repeats a message id already stored
 ERR_MSG_NOT_FOUND = 10037
 ERR_WRONG_LAST_SEQUENCE = 10071  # a Nats-Expected-Last-Subject-Sequence did not hold
-SETTLED_SUFFIX = "__settled"  # the stream of exactly-once settle markers, per namespace
-SETTLED_MAX_AGE_S = 7 * 24 * 3600.0  # how long a marker fences a stale delivery's settle
+SETTLED_SUFFIX = "__settled"  # the stream of exactly-once lease records, per namespace
+SETTLED_MAX_AGE_S = 7 * 24 * 3600.0  # how long a record fences a stale delivery's settle
 MAX_GATES_REMEMBERED = 100_000  # gates this client took, kept to open them in one write
 KEYS_SUFFIX = "__keys"  # the stream of per-key gates (one entry per group and key)
 
@@ -1125,8 +1126,8 @@ class NatsBackend(Backend):
             },
         )
 
-    def _marker_subject(self, m: _Member, off: int) -> str:
-        return f"{self.options.namespace}.settled.{m.stream}.{m.consumer}.{off + 1}"
+    def _lease_subject(self, m: _Member, seq: int) -> str:
+        return f"{self.options.namespace}.settled.{m.stream}.{m.consumer}.{seq}"
 
     async def _lease_read(self, subj: str) -> tuple[int, int, str]:
         """(revision, holding delivery, settled by) of a lease record; zeros if none."""
@@ -1141,7 +1142,7 @@ class NatsBackend(Backend):
         """The record's revision once delivery ``delivery`` of ``seq`` holds it; "stale"
         if a later delivery does, "settled" if the message was settled."""
         await self._ensure_settled_stream()
-        subj = self._marker_subject(m, seq - 1)
+        subj = self._lease_subject(m, seq)
         known: tuple[int, int, str] | None = (0, 0, "") if delivery == 1 else None
         while True:  # (a first delivery expects no record: one write, no read)
             revision, holder, settled = known or await self._lease_read(subj)
@@ -1170,7 +1171,7 @@ class NatsBackend(Backend):
         out: dict[int, int] = {}
         for start in range(0, len(firsts), MAX_BATCH):
             chunk = firsts[start : start + MAX_BATCH]
-            batch = [(self._marker_subject(m, _meta(msg.reply)[1] - 1), h, body) for msg in chunk]
+            batch = [(self._lease_subject(m, _meta(msg.reply)[1]), h, body) for msg in chunk]
             try:
                 first = await self._publish_batch(batch)
             except JetStreamError as exc:
@@ -1189,7 +1190,7 @@ class NatsBackend(Backend):
         token = uuid.uuid4().hex
         msgs = [
             (
-                self._marker_subject(m, off),
+                self._lease_subject(m, off + 1),
                 {"Nats-Expected-Last-Subject-Sequence": str(h.lease)},
                 json.dumps({"d": h.delivery, "settled": token}).encode(),
             )
@@ -1225,11 +1226,6 @@ class NatsBackend(Backend):
             raise LeaseExpired(
                 m.queue, off, attempt, how or "its lease ran out: it was delivered again"
             )
-
-    async def _marker(self, subj: str) -> bytes | None:
-        """The token of the marker stored under ``subj``, if any."""
-        reply = await self._direct_get(self._settled_stream, subj)
-        return None if reply is None else reply.data
 
     # -- per-key order: one gate per group and key ----------------------------------------
     # JetStream has no per-key lease, so arrival keeps one: an entry per (group, key) in
@@ -1833,14 +1829,18 @@ class NatsBackend(Backend):
         if exactly or h.key is not None:
             with contextlib.suppress(nats.errors.Error):
                 await h.msg.ack()
-            m.acked += 1
-            await self._forget_given(m, h)
-            return
+        else:
+            await self._ack_confirmed(m, off, h.msg)
+        m.acked += 1
+        await self._forget_given(m, h)
+
+    async def _ack_confirmed(self, m: _Member, off: int, msg: Msg) -> None:
+        """A double ack, retried while the consumer has no leader."""
         deadline = time.monotonic() + OP_DEADLINE_S
         while True:
             try:
-                await h.msg.ack_sync(timeout=API_TIMEOUT_S)
-                break
+                await msg.ack_sync(timeout=API_TIMEOUT_S)
+                return
             except nats.errors.NoRespondersError as exc:  # the consumer's leader moves
                 if time.monotonic() > deadline:
                     raise BrokerUnreachable(
@@ -1855,8 +1855,6 @@ class NatsBackend(Backend):
                 ) from exc
             except nats.errors.ConnectionClosedError as exc:
                 raise self._lost(exc) from exc
-        m.acked += 1
-        await self._forget_given(m, h)
 
     def nack(
         self,
@@ -1881,19 +1879,9 @@ class NatsBackend(Backend):
         failures = h.failures_before + 1
         decision = decide_retry(failures, m.spec.max_deliveries, m.spec.backoff, self._rng, delay)
         if isinstance(decision, DeadLetter):
-            _d, _seq, ts = _meta(h.msg.reply)
-            mid, key, headers = mapping.decode_headers(h.msg.headers)
-            await self._dead_letter(
-                m,
-                h.msg,
-                off,
-                (ts, mid, key, headers, h.msg.data),
-                attempt,
-                failures,
-                decision.reason,
-                error or "nacked",
+            await self._dead_letter_held(
+                m, off, attempt, h, failures, decision.reason, error or "nacked"
             )
-            await self._forget_given(m, h)
             return True
         try:
             await h.msg.nak(delay=decision.delay_s if decision.delay_s > 0 else None)
@@ -1921,18 +1909,25 @@ class NatsBackend(Backend):
     async def _reject(self, m: _Member, off: int, attempt: int, h: _Held, reason: str) -> None:
         if h.keepalive is not None:
             h.keepalive.cancel()
+        await self._dead_letter_held(
+            m, off, attempt, h, h.failures_before + 1, f"rejected: {reason}", reason
+        )
+
+    async def _dead_letter_held(
+        self,
+        m: _Member,
+        off: int,
+        attempt: int,
+        h: _Held,
+        failures: int,
+        reason: str,
+        error: str,
+    ) -> None:
+        """Dead-letter a delivery its consumer holds (nack past the budget, reject)."""
         _d, _seq, ts = _meta(h.msg.reply)
         mid, key, headers = mapping.decode_headers(h.msg.headers)
-        await self._dead_letter(
-            m,
-            h.msg,
-            off,
-            (ts, mid, key, headers, h.msg.data),
-            attempt,
-            h.failures_before + 1,
-            f"rejected: {reason}",
-            reason,
-        )
+        record = (ts, mid, key, headers, h.msg.data)
+        await self._dead_letter(m, h.msg, off, record, attempt, failures, reason, error)
         await self._forget_given(m, h)
 
     async def _dead_letter(
